@@ -1,0 +1,332 @@
+"""Benchmark: chunked top-k `retrieval_metrics` against a full-argsort baseline (wall time, peak memory, phases).
+
+The baseline is the search of the official CSD evaluation (CSD/train_csd.py `evaluate`): the full (Q, N) float32
+similarity matrix `query @ database.T`, then `torch.argsort(sims, dim=1, descending=True)` of every full row; its
+first max(ks) columns then go through the same metric math as ours (`hit_matrix`, `count_relevant`,
+`metrics_from_hits`), so only the search strategy differs. The official code also builds a dense (Q, N) label
+overlap `q_labels @ db_labels.T` and gathers it row by row in Python; the baseline leaves that out, so it
+understates the official code's cost.
+
+Each method runs in a fresh subprocess with the same torch thread count, so its peak memory is its own: peak RSS
+delta from `resource.getrusage` on CPU (peak RSS after the call minus RSS just before it), or the CUDA allocator's
+peak delta on GPU. At 10k x 100k the baseline needs a 4 GB float32 matrix plus an 8 GB int64 argsort, so on CPU it
+runs on the first `--baseline-queries` queries and its time and memory are extrapolated linearly in Q (both are
+dominated by the Q x N matrices). The synthetic data is seeded and identical in both subprocesses, and the metrics
+of the two methods are compared on the queries they share.
+
+After the timed call, each worker times its phases one by one (matrix product, top-k or argsort, hits,
+count_relevant, metrics). Both methods compute the same Q x N x D matrix product, so the baseline's total over our
+matrix-product time is the largest speed-up any exact float32 method could reach: the report prints it as the
+ceiling next to the measured speed-up.
+
+    python -m src.benchmarks.retrieval_metrics                       # CPU defaults, about 1.5 min on 2 cores
+    python -m src.benchmarks.retrieval_metrics --device cuda         # GPU; baseline on all queries by default
+    python -m src.benchmarks.retrieval_metrics --queries 2000 --database 20000 --dim 128
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from src.metrics.retrieval import count_relevant, hit_matrix, metrics_from_hits, retrieval_metrics
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MIB = 2**20
+
+
+def make_data(n_queries: int, n_database: int, dim: int, n_labels: int, seed: int):
+    """Seeded synthetic embeddings with a label signal: unit vectors of (class centre * 0.3 + N(0, 1) noise).
+
+    Returns query (Q, D), database (N, D) float32 and one-hot bool labels (Q, L), (N, L), all on CPU. Built in
+    place and in blocks so that generating the data does not raise the process's peak RSS above its final size
+    (a higher earlier peak would hide the measured method's peak).
+    """
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_labels, dim, generator=g) * 0.3
+
+    def embed(n):
+        ids = torch.randint(n_labels, (n,), generator=g)
+        x = torch.randn(n, dim, generator=g)
+        for start in range(0, n, 65536):
+            x[start : start + 65536] += centres[ids[start : start + 65536]]
+        x /= x.norm(dim=1, keepdim=True)
+        labels = torch.zeros(n, n_labels, dtype=torch.bool)
+        labels[torch.arange(n), ids] = True
+        return x, labels
+
+    query, query_labels = embed(n_queries)
+    database, database_labels = embed(n_database)
+    return query, database, query_labels, database_labels
+
+
+def full_argsort_metrics(query, database, query_labels, database_labels, ks):
+    """Baseline: full (Q, N) similarity matrix and a full argsort of every row, then the shared metric math."""
+    sims = query @ database.T  # (Q, N)
+    order = torch.argsort(sims, dim=1, descending=True)  # (Q, N) int64
+    indices = order[:, : max(ks)]
+    hits = hit_matrix(query_labels, database_labels, indices)
+    return metrics_from_hits(hits, count_relevant(query_labels, database_labels), ks)
+
+
+def time_phases(method: str, query, database, query_labels, database_labels, ks, chunk_size: int) -> dict:
+    """Seconds spent in each phase of `method` ("chunked" or "full"), run step by step with a clock around each.
+
+    "chunked" repeats `retrieval_metrics` chunk by chunk (`retrieval_topk` on one chunk is one matrix product and
+    one torch.topk), "full" repeats `full_argsort_metrics`. The phases add up to about the timed call.
+    """
+    sync = torch.cuda.synchronize if query.is_cuda else (lambda: None)
+    phases = {"matmul": 0.0, "select": 0.0}
+    k = min(max(ks), database.shape[0])
+    parts = []
+    step = chunk_size if method == "chunked" else query.shape[0]
+    for start in range(0, query.shape[0], step):
+        sync()
+        t0 = time.perf_counter()
+        sims = query[start : start + step] @ database.T  # (c, N)
+        sync()
+        t1 = time.perf_counter()
+        if method == "chunked":
+            parts.append(torch.topk(sims, k, dim=1, largest=True, sorted=True).indices)
+        else:
+            parts.append(torch.argsort(sims, dim=1, descending=True)[:, :k])
+        sync()
+        phases["matmul"] += t1 - t0
+        phases["select"] += time.perf_counter() - t1
+        del sims
+    indices = torch.cat(parts)
+    t0 = time.perf_counter()
+    hits = hit_matrix(query_labels, database_labels, indices)
+    sync()
+    t1 = time.perf_counter()
+    n_relevant = count_relevant(query_labels, database_labels)
+    sync()
+    t2 = time.perf_counter()
+    metrics_from_hits(hits, n_relevant, ks)
+    phases.update(hits=t1 - t0, count_relevant=t2 - t1, metrics=time.perf_counter() - t2)
+    return phases
+
+
+def current_rss_bytes() -> int:
+    """Resident set size now, from /proc (Linux); falls back to the peak so far elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def run_worker(args) -> dict:
+    """One measurement in this (fresh) process; returns time, peak memory delta, metrics and phase times."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    n_queries = args.queries if args.worker == "chunked" else args.baseline_queries
+    query, database, query_labels, database_labels = make_data(
+        args.queries, args.database, args.dim, args.labels, args.seed
+    )
+    query, query_labels = query[:n_queries].clone(), query_labels[:n_queries].clone()
+    query, database = query.to(device), database.to(device)
+    query_labels, database_labels = query_labels.to(device), database_labels.to(device)
+    ks = tuple(args.ks)
+
+    def method(q, ql):
+        if args.worker == "chunked":
+            return retrieval_metrics(q, database, ql, database_labels, ks=ks, chunk_size=args.chunk_size)
+        return full_argsort_metrics(q, database, ql, database_labels, ks)
+
+    method(query[:8], query_labels[:8])  # warm-up: kernel / BLAS initialisation stays out of the timing
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = current_rss_bytes()
+        peak_before = peak_rss_bytes()
+    start = time.perf_counter()
+    metrics = method(query, query_labels)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        peak_delta = torch.cuda.max_memory_allocated(device) - before
+        note = ""
+    else:
+        peak_delta = peak_rss_bytes() - before
+        # If data generation peaked above the method's own peak, the delta is a lower bound.
+        note = "lower bound" if peak_rss_bytes() == peak_before else ""
+
+    result = {"queries": n_queries, "seconds": seconds, "peak_bytes": max(peak_delta, 0), "note": note}
+    result["metrics"] = metrics
+    result["phases"] = time_phases(
+        args.worker, query, database, query_labels, database_labels, ks, args.chunk_size
+    )
+    result["threads"] = torch.get_num_threads()
+    if args.worker == "chunked":  # reference values on the baseline's queries, outside the measurement
+        n_shared = min(args.baseline_queries, n_queries)
+        result["shared_metrics"] = method(query[:n_shared], query_labels[:n_shared])
+    return result
+
+
+def launch(worker: str, args) -> dict:
+    """Runs one method in a fresh Python process and parses its result line."""
+    command = [sys.executable, "-m", "src.benchmarks.retrieval_metrics", "--worker", worker]
+    names = (
+        "queries",
+        "database",
+        "dim",
+        "labels",
+        "chunk_size",
+        "baseline_queries",
+        "device",
+        "seed",
+        "threads",
+    )
+    for name in names:
+        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    command += ["--ks", *map(str, args.ks)]
+    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        hint = (
+            " (killed: likely out of memory; lower --baseline-queries)"
+            if proc.returncode in (-9, 137)
+            else ""
+        )
+        raise RuntimeError(
+            f"benchmark worker '{worker}' exited with code {proc.returncode}{hint}; stderr tail:\n"
+            + proc.stderr[-3000:]
+        )
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def print_phases(args, ours: dict, base: dict, scale: float) -> None:
+    """Per-phase seconds of both methods at Q = --queries, their shares, and the matrix-product ceiling."""
+    flop = 2.0 * args.queries * args.database * args.dim
+    names = {
+        "matmul": "matrix product Q x N x D",
+        "select": "top-k (ours) / full argsort (baseline)",
+        "hits": "hit_matrix",
+        "count_relevant": "count_relevant",
+        "metrics": "metrics_from_hits",
+    }
+    ours_phases = ours["phases"]
+    base_phases = {name: seconds * scale for name, seconds in base["phases"].items()}
+    ours_total, base_total = sum(ours_phases.values()), sum(base_phases.values())
+    print(f"\nphases at Q={args.queries} (timed one by one after the measured call; baseline x{scale:.1f}):")
+    print(f"{'phase':<42}{'chunked (s)':>13}{'share':>8}{'baseline (s)':>14}{'share':>8}")
+    for key, label in names.items():
+        print(
+            f"{label:<42}{ours_phases[key]:>13.2f}{ours_phases[key] / ours_total:>8.0%}"
+            f"{base_phases[key]:>14.2f}{base_phases[key] / base_total:>8.0%}"
+        )
+    print(f"{'sum of phases':<42}{ours_total:>13.2f}{'':>8}{base_total:>14.2f}")
+    print(
+        f"matrix product throughput: chunked {flop / ours_phases['matmul'] / 1e9:.0f} GFLOP/s, "
+        f"baseline {flop / base_phases['matmul'] / 1e9:.0f} GFLOP/s (float32, {ours['threads']} torch threads)"
+    )
+    print(
+        f"ceiling for any exact float32 method (baseline phases / our matrix product alone): "
+        f"{base_total / ours_phases['matmul']:.1f}x"
+    )
+
+
+def print_report(args, ours: dict, base: dict) -> None:
+    scale = args.queries / base["queries"]
+    extrapolated = base["queries"] < args.queries
+    base_seconds, base_bytes = base["seconds"] * scale, base["peak_bytes"] * scale
+    memory_kind = "CUDA peak allocated delta" if args.device.startswith("cuda") else "peak RSS delta"
+
+    print(
+        f"\nRetrieval metrics benchmark: Q={args.queries} queries, N={args.database} database, D={args.dim}, "
+        f"L={args.labels} one-hot labels, ks={tuple(args.ks)}, device={args.device}, chunk_size={args.chunk_size}, "
+        f"torch threads={ours['threads']}"
+    )
+    print(f"{'method':<42}{'queries':>9}{'wall time (s)':>15}{memory_kind + ' (MiB)':>36}")
+    rows = [("chunked top-k (retrieval_metrics)", ours["queries"], ours["seconds"], ours["peak_bytes"], ours)]
+    rows.append(
+        ("full argsort baseline, measured", base["queries"], base["seconds"], base["peak_bytes"], base)
+    )
+    if extrapolated:
+        rows.append(
+            (f"full argsort baseline, EXTRAPOLATED x{scale:.1f}", args.queries, base_seconds, base_bytes, {})
+        )
+    for name, n, seconds, peak, result in rows:
+        note = f"  ({result['note']})" if result.get("note") else ""
+        print(f"{name:<42}{n:>9}{seconds:>15.2f}{peak / MIB:>36.1f}{note}")
+    if extrapolated:
+        print(
+            f"  baseline time and memory extrapolated linearly from {base['queries']} to {args.queries} queries "
+            "(both are dominated by the Q x N similarity and argsort matrices)"
+        )
+    print(f"speed-up (baseline / chunked) at Q={args.queries}: {base_seconds / ours['seconds']:.1f}x")
+    print(
+        f"memory ratio (baseline / chunked) at Q={args.queries}: {base_bytes / max(ours['peak_bytes'], 1):.1f}x"
+    )
+    print_phases(args, ours, base, scale)
+    shared = ours["shared_metrics"]
+    diff = max(abs(shared[key] - base["metrics"][key]) for key in shared)
+    print(f"\nmetrics agree on the {base['queries']} shared queries: max |chunked - baseline| = {diff:.2e}")
+    print("chunked metrics on all queries:")
+    for k in args.ks:
+        values = "  ".join(
+            f"{name}@{k}={ours['metrics'][f'{name}@{k}']:.4f}" for name in ("mAP", "recall", "MRR")
+        )
+        print(f"  {values}  standardAP@{k}={ours['metrics'][f'standardAP@{k}']:.4f}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--queries", type=int, default=10000)
+    parser.add_argument("--database", type=int, default=100000)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--labels", type=int, default=1000, help="number of one-hot classes")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 10, 100])
+    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument(
+        "--baseline-queries",
+        type=int,
+        default=None,
+        help="queries for the full-argsort baseline (default: 1000 on CPU, all on CUDA); extrapolated linearly",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch threads in both workers"
+    )
+    parser.add_argument("--worker", choices=["chunked", "full"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    if args.baseline_queries is None:
+        args.baseline_queries = args.queries if args.device.startswith("cuda") else min(1000, args.queries)
+    if not 1 <= args.baseline_queries <= args.queries:
+        raise SystemExit(
+            f"--baseline-queries must be in [1, --queries={args.queries}], got {args.baseline_queries}"
+        )
+
+    if args.worker:
+        print("RESULT " + json.dumps(run_worker(args)), flush=True)
+        return
+    print(f"running chunked top-k on {args.queries} queries ...", flush=True)
+    ours = launch("chunked", args)
+    print(f"running full-argsort baseline on {args.baseline_queries} queries ...", flush=True)
+    base = launch("full", args)
+    print_report(args, ours, base)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Score a style descriptor by query/database retrieval: `python -m src.evaluate extractor=clip_vitb16 benchmark=wikiart`.
+
+Any extractor of conf/extractor/ (a trained CSD checkpoint: `extractor=csd extractor.checkpoint=...`) on any benchmark
+of conf/benchmark/. Writes `metrics.json`, a markdown row shaped like the CSD paper's Table 1 (PAPERS.md §3.8) and,
+with `save_embeddings=true`, `embeddings.npz`, which `embeddings=<file>` re-scores later without the images.
+"""
+
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import src.utils  # noqa: F401  (registers the config resolvers)
+from src.data.multilabel import collate_skip_none
+from src.data.retrieval import RetrievalImageDataset, RetrievalSet, load_retrieval_csv
+from src.metrics import retrieval_metrics
+from src.utils.embeddings import load_embeddings, save_embeddings
+from src.utils.run import print_config_tree, save_metrics
+
+log = logging.getLogger(__name__)
+
+
+def load_style_bench(root: str, seed: int = 0, image_size: int = 96, images_per_style: int = 250) -> RetrievalSet:
+    """The embedded style benchmark's query/database split (built on first use)."""
+    from src.data.style_bench import build_style_bench
+
+    folder = build_style_bench(root, seed=seed, image_size=image_size, images_per_style=images_per_style)
+    return load_retrieval_csv(folder / "retrieval.csv", root=folder)
+
+
+@torch.no_grad()
+def embed_images(extractor, root: Path, paths: list[str], batch_size: int, num_workers: int, device: torch.device,
+                 desc: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Embed images with the extractor's own preprocessing. Returns (embeddings (M, D), kept row indices (M,),
+    number of unreadable images skipped)."""
+    loader = DataLoader(RetrievalImageDataset(root, paths, extractor.transform()), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=collate_skip_none)
+    embeddings, indices, skipped = [], [], 0
+    for batch in tqdm(loader, desc=desc, unit="batch"):
+        skipped += batch["num_skipped"]
+        if "image" in batch:
+            embeddings.append(extractor(batch["image"].to(device)).float().cpu())
+            indices.append(batch["index"])
+    if not embeddings:
+        raise RuntimeError(f"No readable image among the {len(paths)} {desc} images under {root}.")
+    return torch.cat(embeddings), torch.cat(indices), skipped
+
+
+def pca_reduce(query: torch.Tensor, database: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit a PCA on the database embeddings with faiss (as the official VGG Gram baseline, PAPERS.md §3.6), project
+    both sets and L2-normalise."""
+    import faiss
+
+    dims = min(dims, database.shape[1], database.shape[0])
+    pca = faiss.PCAMatrix(database.shape[1], dims)
+    pca.train(np.ascontiguousarray(database.numpy(), dtype=np.float32))
+    project = lambda x: F.normalize(torch.from_numpy(pca.apply(np.ascontiguousarray(x.numpy(), np.float32))), dim=-1)  # noqa: E731
+    return project(query), project(database)
+
+
+def table_row(name: str, metrics: dict, ks=(1, 10, 100)) -> str:
+    """One markdown row in Table 1's order: mAP@k then Recall@k, in percent."""
+    cells = [f"{100 * metrics[f'mAP@{k}']:.2f}" for k in ks] + [f"{100 * metrics[f'recall@{k}']:.2f}" for k in ks]
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    output_dir = Path(cfg.paths.output_dir)
+    print_config_tree(cfg, save_to=output_dir / "config_resolved.yaml")
+    name = cfg.get("name") or cfg.run_name
+    if cfg.get("embeddings"):
+        saved = load_embeddings(cfg.embeddings)
+        query, database = saved["query"], saved["database"]
+        query_labels, database_labels = saved["query_labels"], saved["database_labels"]
+        log.info(f"Re-scoring {cfg.embeddings}: {len(query)} queries, {len(database)} database images")
+    else:
+        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if cfg.device == "auto" else cfg.device))
+        rset: RetrievalSet = hydra.utils.instantiate(cfg.benchmark)
+        extractor = hydra.utils.instantiate(cfg.extractor).to(device).eval()
+        args = (cfg.batch_size, cfg.num_workers, device)
+        query, q_rows, q_skip = embed_images(extractor, rset.root, rset.query, *args, desc="query")
+        database, d_rows, d_skip = embed_images(extractor, rset.root, rset.database, *args, desc="database")
+        if q_skip or d_skip:
+            log.warning(f"Skipped unreadable images: {q_skip} queries, {d_skip} database images (left out of scoring).")
+        query_labels, database_labels = rset.query_labels[q_rows], rset.database_labels[d_rows]
+        if cfg.save_embeddings:
+            path = save_embeddings(output_dir / "embeddings.npz", query, database, query_labels, database_labels,
+                                   rset.label_names, [rset.query[i] for i in q_rows.tolist()],
+                                   [rset.database[i] for i in d_rows.tolist()], root=rset.root, descriptor=name,
+                                   half=cfg.half_embeddings)
+            log.info(f"Saved embeddings to {path}")
+    if cfg.get("pca_dims"):
+        query, database = pca_reduce(query, database, cfg.pca_dims)
+    metrics = retrieval_metrics(query, database, query_labels, database_labels, ks=tuple(cfg.ks))
+    save_metrics(metrics, output_dir / "metrics.json")
+    row = table_row(name, metrics, tuple(cfg.ks))
+    header = "| Method | " + " | ".join([f"mAP@{k}" for k in cfg.ks] + [f"R@{k}" for k in cfg.ks]) + " |"
+    (output_dir / "table_row.md").write_text(header + "\n" + row + "\n")
+    results = Path(cfg.paths.log_dir) / "evaluate" / "results.md"  # every evaluation adds its row here
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with results.open("a") as f:
+        f.write(row + f"  <!-- {cfg.get('benchmark_name', '')} {output_dir.name} -->\n")
+    print(header + "\n" + row)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate.yaml")
+def main(cfg: DictConfig) -> float:
+    metrics = evaluate(cfg)
+    return metrics.get(cfg.get("optimized_metric", "mAP@10"))
+
+
+if __name__ == "__main__":
+    main()

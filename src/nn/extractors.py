@@ -1,0 +1,353 @@
+"""Image descriptors for retrieval evaluation and replication detection.
+
+Each extractor declares its own preprocessing (`transform()`: PIL RGB image -> (3, H, W) tensor) and maps a batch
+of preprocessed images to L2-normalised float32 descriptors (`forward`), so that similarity is a dot product
+(PAPERS.md §1.5, §3.6). Baseline preprocessing follows the official CSD `main_sim.py` (PAPERS.md §3.6): CLIP uses
+its own preprocessing, CSD its `branch0`, DINO / VGG Resize256 -> CenterCrop224 with ImageNet mean/std.
+
+Inputs must be RGB PIL images: convert grayscale / RGBA / palette images in the dataset (`image.convert("RGB")`).
+The transforms raise on other modes instead of guessing how to drop alpha or expand gray.
+Extractors are frozen: parameters do not require grad, `forward` runs under no_grad, and the module stays in eval
+mode even when a parent calls `.train()`.
+"""
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchvision import transforms as T
+
+from src.nn.backbones import build_backbone, create_open_clip
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+POOLS = ("token", "avg")
+
+
+def require_rgb(image: Image.Image) -> Image.Image:
+    """First stage of every transform: reject non-RGB images with a message saying where to convert them."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"Extractor transforms take PIL images; got {type(image).__name__}.")
+    if image.mode != "RGB":
+        raise ValueError(
+            f"Extractor transforms take RGB PIL images; got mode {image.mode!r}. Convert in the dataset with "
+            "image.convert('RGB') (for RGBA, composite on a background first if transparency matters)."
+        )
+    return image
+
+
+def resize_crop_transform(
+    image_size: int,
+    resize_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    interpolation: T.InterpolationMode = T.InterpolationMode.BILINEAR,
+) -> T.Compose:
+    """Resize(shorter side) -> CenterCrop -> ToTensor -> Normalize: PIL RGB -> (3, image_size, image_size)."""
+    return T.Compose(
+        [
+            require_rgb,
+            T.Resize(resize_size, interpolation=interpolation),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def _name_of(pretrained) -> str:
+    """A short file-name-safe label for a weights choice (tag, checkpoint path, true/None)."""
+    if isinstance(pretrained, str):
+        return Path(pretrained).stem if ("/" in pretrained or "." in pretrained) else pretrained
+    return "pretrained" if pretrained else "random"
+
+
+class Extractor(nn.Module):
+    """Base class: `transform()` gives the preprocessing, `forward` the L2-normalised descriptors.
+
+    Subclasses set `name` (used in file names and logs) and `dim`, and implement `embed`
+    ((B, 3, H, W) preprocessed -> (B, dim) unnormalised).
+    """
+
+    name: str = "extractor"
+    dim: int
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        raise NotImplementedError
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed images -> (B, dim) L2-normalised float32 descriptors."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"{self.name}: expected preprocessed images of shape (B, 3, H, W), got {tuple(images.shape)}."
+            )
+        param = next(self.parameters(), None)
+        if param is not None:  # follow the weights, e.g. after extractor.half().cuda()
+            images = images.to(device=param.device, dtype=param.dtype)
+        # Normalise in float32: fp16 sums of squares over thousands of dims overflow.
+        return F.normalize(self.embed(images).float(), dim=-1)
+
+    def train(self, mode: bool = True):
+        # A frozen descriptor: BatchNorm/dropout must not switch to training behaviour when a parent
+        # LightningModule calls .train() on all its children.
+        return super().train(False)
+
+    def _freeze(self) -> None:
+        self.requires_grad_(False)
+        self.eval()
+
+
+class PixelExtractor(Extractor):
+    """Raw-pixel baseline: size x size thumbnail, flattened, per-image mean removed, L2-normalised.
+
+    The dot product is then the Pearson correlation of the thumbnails. A constant image maps to the zero vector.
+    """
+
+    def __init__(self, size: int = 32):
+        super().__init__()
+        self.size = size
+        self.dim = 3 * size * size
+        self.name = f"pixels{size}"
+        self._freeze()
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        return T.Compose([require_rgb, T.Resize((self.size, self.size)), T.ToTensor()])
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] != (self.size, self.size):
+            raise ValueError(
+                f"{self.name}: expected {self.size}x{self.size} images, got {tuple(images.shape[-2:])}."
+            )
+        flat = images.flatten(1)  # (B, 3*size*size)
+        return flat - flat.mean(dim=1, keepdim=True)
+
+
+class ColorHistogramExtractor(Extractor):
+    """Joint RGB colour histogram with bins^3 cells (fraction of pixels per cell), L2-normalised.
+
+    Pixels are quantised from their 8-bit values (value * bins // 256), so cell edges are exact. The image is
+    resized to image_size x image_size first only to bound the cost; a histogram ignores the aspect ratio.
+    """
+
+    def __init__(self, bins: int = 8, image_size: int = 64):
+        super().__init__()
+        if not 1 <= bins <= 256:
+            raise ValueError(f"ColorHistogramExtractor: bins={bins} must be in [1, 256].")
+        self.bins = bins
+        self.image_size = image_size
+        self.dim = bins**3
+        self.name = f"color_hist{bins}"
+        self._freeze()
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        return T.Compose([require_rgb, T.Resize((self.image_size, self.image_size)), T.ToTensor()])
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        if images.min() < 0 or images.max() > 1:
+            raise ValueError(
+                f"{self.name}: expected unnormalised images in [0, 1] (ToTensor output), got values in "
+                f"[{images.min().item():.3f}, {images.max().item():.3f}]; use this extractor's transform()."
+            )
+        levels = (images.float() * 255).round().long() * self.bins // 256  # (B, 3, H, W) in [0, bins)
+        cell = (levels[:, 0] * self.bins + levels[:, 1]) * self.bins + levels[:, 2]  # (B, H, W)
+        cell = cell.flatten(1)  # (B, H*W)
+        counts = torch.zeros(cell.shape[0], self.dim, device=images.device)
+        counts.scatter_add_(1, cell, torch.ones_like(cell, dtype=counts.dtype))
+        return counts / cell.shape[1]
+
+
+class GramExtractor(Extractor):
+    """VGG Gram-matrix style descriptor (PAPERS.md §3.6, §3.8 "VGG Gram" row; official CSD `main_sim.py`).
+
+    The official code takes torchvision VGG16 (IMAGENET1K_V1 = timm "vgg16.tv_in1k") `features(x)`, i.e. the last
+    conv block after its max-pool, forms G = F F^T for F (B, C, H*W), flattens the full C x C matrix and
+    L2-normalises; the evaluation then PCAs to 1024 dims (done by the evaluation entry point, not here).
+    We keep the upper triangle (diagonal included) with off-diagonal entries scaled by sqrt(2): the map is an
+    isometry on symmetric matrices, so dot products, norms and PCA equal the full flattening at half the size
+    (C(C+1)/2 dims, 131,328 for VGG). G is divided by H*W (a scale, removed by the L2 normalisation).
+
+    layer indexes timm's feature taps (`forward_intermediates`): for VGG 0-4 are the conv stages before their
+    max-pool and 5 (= -1) the trunk output after the last max-pool, the official choice.
+    """
+
+    def __init__(
+        self,
+        model: str = "vgg16",
+        pretrained: bool | str | None = None,
+        layer: int = -1,
+        image_size: int = 224,
+        resize_size: int = 256,
+    ):
+        super().__init__()
+        net = build_backbone(model, source="timm", pretrained=pretrained).model
+        if not hasattr(net, "forward_intermediates"):
+            raise ValueError(
+                f"GramExtractor: timm model {model!r} has no forward_intermediates; use a CNN like vgg16."
+            )
+        taps = len(net.feature_info)
+        if not -taps <= layer < taps:
+            raise ValueError(
+                f"GramExtractor: layer={layer} out of range for {model!r} ({taps} feature taps)."
+            )
+        self.layer = layer % taps
+        channels = net.feature_info[self.layer]["num_chs"]
+        net.prune_intermediate_layers([self.layer], prune_head=True)  # drops VGG's 100M-parameter fc head
+        self.net = net
+        rows, cols = torch.triu_indices(channels, channels)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        weight = torch.where(rows == cols, 1.0, math.sqrt(2.0))
+        self.register_buffer("weight", weight, persistent=False)
+        self.image_size, self.resize_size = image_size, resize_size
+        self.dim = channels * (channels + 1) // 2
+        self.name = f"gram_{model}_{_name_of(pretrained)}_l{self.layer}"
+        self._freeze()
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        return resize_crop_transform(self.image_size, self.resize_size, IMAGENET_MEAN, IMAGENET_STD)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        (fmap,) = self.net.forward_intermediates(
+            images, indices=[self.layer], intermediates_only=True, stop_early=True
+        )
+        # float32: a Gram entry sums H*W products of post-ReLU activations and overflows fp16.
+        feats = fmap.float().flatten(2)  # (B, C, H*W)
+        gram = feats @ feats.transpose(1, 2) / feats.shape[-1]  # (B, C, C)
+        return gram[:, self.rows, self.cols] * self.weight  # (B, C(C+1)/2)
+
+
+class OpenCLIPExtractor(Extractor):
+    """CLIP image embedding (`encode_image`, projection included) with CLIP's own preprocessing.
+
+    Preprocessing is open_clip's validation transform for the model (Resize shorter side bicubic -> CenterCrop
+    -> OpenAI mean/std for the OpenAI weights), as in the official CSD baselines (PAPERS.md §3.6). OpenAI tags
+    switch on QuickGELU (see `create_open_clip`).
+    """
+
+    def __init__(
+        self, model: str = "ViT-B-16", pretrained: str | None = "openai", image_size: int | None = None
+    ):
+        super().__init__()
+        self.visual = create_open_clip(model, pretrained, image_size).visual  # the text tower is dropped
+        self.preprocess_cfg = dict(self.visual.preprocess_cfg)
+        dim = getattr(self.visual, "output_dim", None)
+        self.dim = dim or _probe_dim(self.visual, self.preprocess_cfg["size"])
+        self.name = f"clip_{model}_{_name_of(pretrained)}"
+        self._freeze()
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        import open_clip
+
+        cfg = self.preprocess_cfg
+        clip_transform = open_clip.image_transform(
+            cfg["size"],
+            is_train=False,
+            mean=cfg["mean"],
+            std=cfg["std"],
+            interpolation=cfg["interpolation"],
+            resize_mode=cfg["resize_mode"],
+            fill_color=cfg["fill_color"],
+        )
+        return T.Compose([require_rgb, clip_transform])
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)
+
+
+class TimmExtractor(Extractor):
+    """A timm network's global descriptor: the class token ("token", DINO's descriptor) or the mean of the
+    patch tokens ("avg"; for CNNs timm's own global average pool). ViT tokens are taken after the final norm.
+
+    Preprocessing: Resize(resize_size) -> CenterCrop(image_size) -> Normalize(mean, std); mean/std default to the
+    weights' own (ImageNet for DINO, the paper's choice, PAPERS.md §3.6).
+    """
+
+    def __init__(
+        self,
+        model: str = "vit_base_patch16_224.dino",
+        pretrained: bool | str | None = None,
+        pool: str = "token",
+        image_size: int = 224,
+        resize_size: int = 256,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+    ):
+        super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"TimmExtractor: pool={pool!r}; expected one of {POOLS}.")
+        backbone = build_backbone(model, source="timm", pretrained=pretrained, image_size=image_size)
+        self.net = backbone.model
+        self.is_vit = hasattr(self.net, "num_prefix_tokens")
+        if pool == "token" and getattr(self.net, "cls_token", None) is None:
+            raise ValueError(
+                f"TimmExtractor: pool='token' needs a model with a class token; {model!r} has none."
+            )
+        self.pool = pool
+        self.image_size, self.resize_size = image_size, resize_size
+        self.mean = tuple(mean) if mean is not None else backbone.mean
+        self.std = tuple(std) if std is not None else backbone.std
+        self.dim = backbone.feature_dim
+        self.name = f"timm_{model}_{_name_of(pretrained)}_{pool}"
+        self._freeze()
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        return resize_crop_transform(self.image_size, self.resize_size, self.mean, self.std)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.is_vit:
+            return self.net(images)  # (B, C): timm's pooled pre-logits (num_classes=0)
+        tokens = self.net.forward_features(images)  # (B, T, D) after the final norm
+        if self.pool == "token":
+            return tokens[:, 0]
+        return tokens[:, self.net.num_prefix_tokens :].mean(dim=1)
+
+
+class CSDExtractor(Extractor):
+    """A trained CSD style descriptor (PAPERS.md §3.1: style-head embedding, dot-product similarity).
+
+    Loads our Lightning checkpoints or the official release via `src.nn.csd.load_csd`. Preprocessing is the
+    official `branch0`: Resize(image_size, bicubic) -> CenterCrop(image_size) -> Normalize(mean, std) with the
+    values stored alongside the checkpoint.
+    """
+
+    def __init__(self, checkpoint: str):
+        super().__init__()
+        from src.nn.csd import load_csd  # lazy: keeps this module importable without the CSD code
+
+        self.net, info = load_csd(checkpoint)
+        missing = {"image_size", "mean", "std"} - set(info)
+        if missing:
+            raise ValueError(f"CSDExtractor: load_csd({checkpoint!r}) info lacks {sorted(missing)}.")
+        self.image_size = int(info["image_size"])
+        self.mean, self.std = tuple(info["mean"]), tuple(info["std"])
+        self.dim = _probe_dim(self.net, self.image_size)
+        self.name = f"csd_{Path(checkpoint).stem}"
+        self._freeze()
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        return resize_crop_transform(
+            self.image_size, self.image_size, self.mean, self.std, T.InterpolationMode.BICUBIC
+        )
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+@torch.no_grad()
+def _probe_dim(module: nn.Module, size) -> int:
+    """Output width of `module` from one blank image (for networks that do not state it)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    param = next(module.parameters())
+    was_training = module.training
+    module.eval()
+    out = module(torch.zeros(1, 3, h, w, device=param.device, dtype=param.dtype))
+    module.train(was_training)
+    return out.shape[-1]

@@ -1,0 +1,102 @@
+"""Helpers for the Hydra entry points: printing the config, building loggers and callbacks, saving metrics."""
+
+import json
+import logging
+import math
+import netrc
+import os
+from pathlib import Path
+
+import hydra
+import rich.syntax
+import rich.tree
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def print_config_tree(cfg: DictConfig, save_to: str | Path | None = None) -> None:
+    """Print the resolved config as a rich tree (one branch per top-level group) and optionally save it as YAML."""
+    tree = rich.tree.Tree("CONFIG", style="dim", guide_style="dim")
+    for key, value in cfg.items():
+        branch = tree.add(str(key), style="bold")
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        branch.add(rich.syntax.Syntax(text, "yaml"))
+    rich.print(tree)
+    if save_to is not None:
+        Path(save_to).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def wandb_has_credentials() -> bool:
+    """True when W&B could authenticate: an API key in the environment or a `wandb login` entry in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
+    """Build the loggers of `cfg.logger`. W&B falls back to offline mode when it has no credentials, so a run
+    never blocks on a login prompt or fails for lack of network (`wandb sync` uploads the run later)."""
+    loggers: list[Logger] = []
+    if not cfg:
+        return loggers
+    for name, logger_cfg in cfg.items():
+        if not isinstance(logger_cfg, DictConfig) or "_target_" not in logger_cfg:
+            continue
+        if "WandbLogger" in logger_cfg._target_:
+            if os.environ.get("WANDB_MODE") is None and not wandb_has_credentials() and not logger_cfg.get("offline"):
+                log.warning("No W&B credentials found (WANDB_API_KEY or `wandb login`): logging offline. "
+                            "Upload later with `wandb sync <run dir>/wandb/offline-run-*`.")
+                logger_cfg = OmegaConf.merge(logger_cfg, {"offline": True})
+            Path(logger_cfg.save_dir).mkdir(parents=True, exist_ok=True)
+        log.info(f"Instantiating logger <{name}: {logger_cfg._target_}>")
+        loggers.append(hydra.utils.instantiate(logger_cfg))
+    return loggers
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
+    """Build every callback of `cfg.callbacks` that has a `_target_` (a null entry switches one off)."""
+    callbacks: list[Callback] = []
+    for name, cb_cfg in (cfg or {}).items():
+        if isinstance(cb_cfg, DictConfig) and "_target_" in cb_cfg:
+            log.info(f"Instantiating callback <{name}: {cb_cfg._target_}>")
+            callbacks.append(hydra.utils.instantiate(cb_cfg))
+    return callbacks
+
+
+def to_float_dict(metrics: dict) -> dict[str, float]:
+    """Tensors and numbers to plain floats (for JSON); non-numeric values are dropped."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out
+
+
+def save_metrics(metrics: dict, path: str | Path) -> None:
+    """Write metrics as JSON (NaN and inf written as null so every JSON reader accepts the file)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+    Path(path).write_text(json.dumps(clean, indent=2, sort_keys=True))
+
+
+def find_resume_checkpoint(ckpt_path: str | None) -> str | None:
+    """Resolve `ckpt_path`: a checkpoint file, or a run directory whose `checkpoints/last.ckpt` is used."""
+    if ckpt_path in (None, ""):
+        return None
+    path = Path(ckpt_path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path!r}: no checkpoint there. Pass a .ckpt file or a run directory that holds "
+            "checkpoints/last.ckpt (e.g. ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt)."
+        )
+    return str(path)

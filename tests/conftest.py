@@ -1,0 +1,118 @@
+"""Shared fixtures: a tiny embedded style benchmark and Hydra configs composed with tiny overrides."""
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+import src.utils  # noqa: F401  (registers the config resolvers)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+TINY_BENCH = {"seed": 0, "image_size": 48, "images_per_style": 6}
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A data folder holding the tiny style benchmark (built once per test session)."""
+    from src.data.style_bench import build_style_bench
+
+    root = tmp_path_factory.mktemp("data")
+    build_style_bench(root, num_workers=1, **TINY_BENCH)
+    return root
+
+
+def tiny_overrides(data_dir: Path, bench: bool = True, devices: int = 1) -> list[str]:
+    """Overrides that make any CSD config run a few CPU steps (on the tiny benchmark when `bench`)."""
+    overrides = [
+        f"paths.data_dir={data_dir}",
+        "trainer.accelerator=cpu",
+        f"trainer.devices={devices}",
+        "trainer.precision=32-true",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
+        "+trainer.enable_model_summary=false",
+        "data.num_workers=0",
+        "data.batch_size=8",
+        "data.eval_batch_size=16",
+        "logger=csv",
+    ]
+    if bench:
+        overrides += [f"data.bench_image_size={TINY_BENCH['image_size']}",
+                      f"data.bench_images_per_style={TINY_BENCH['images_per_style']}"]
+    return overrides
+
+
+def compose_config(config_name: str, overrides: list[str], output_dir: Path):
+    """Compose a config as `python -m src.<entry>` would, with the run directory set to `output_dir`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.override_dirname = ""
+        cfg.paths.log_dir = str(output_dir / "logs")
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in a real run, the job config does not hold the hydra node
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def bench_dir(data_dir) -> Path:
+    """The folder of the tiny style benchmark inside `data_dir`."""
+    from src.data.style_bench import build_style_bench
+
+    return build_style_bench(data_dir, num_workers=1, **TINY_BENCH)
+
+
+@pytest.fixture(scope="session")
+def tiny_cluster_data(bench_dir, tmp_path_factory) -> dict:
+    """The cluster experiments' data layouts made from the tiny benchmark: LAION-Styles-like webdataset shards
+    (image + JSON tags) with a tag vocabulary file, and a WikiArt folder with the official `wikiart.csv` columns."""
+    import csv
+    import json
+
+    import webdataset as wds
+
+    root = tmp_path_factory.mktemp("cluster_data")
+    with open(bench_dir / "train.csv") as f:
+        rows = list(csv.DictReader(f))
+    (root / "shards").mkdir()
+    tags = set()
+    for shard in range(2):
+        with wds.TarWriter(str(root / "shards" / f"{shard:06d}.tar")) as sink:
+            for i, row in enumerate(rows[shard::2]):
+                row_tags = row["tags"].split("|")
+                tags.update(row_tags)
+                sink.write(
+                    {
+                        "__key__": f"{shard}_{i:05d}",
+                        "png": (bench_dir / row["path"]).read_bytes(),
+                        "json": json.dumps({"tags": row_tags}).encode(),
+                    }
+                )
+    (root / "tags.txt").write_text("\n".join(sorted(tags)) + "\n")
+    wikiart = root / "wikiart"
+    wikiart.mkdir()
+    with open(bench_dir / "retrieval.csv") as f, open(wikiart / "wikiart.csv", "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["name", "path", "artist", "split"])
+        for row in csv.DictReader(f):
+            writer.writerow(
+                [Path(row["path"]).name, str(bench_dir / row["path"]), row["label"], row["split"]]
+            )
+    return {
+        "shards": str(root / "shards" / "{000000..000001}.tar"),
+        "vocab": str(root / "tags.txt"),
+        "wikiart": str(wikiart),
+    }

@@ -1,0 +1,93 @@
+"""The analysis notebooks: committed without outputs, and executed end to end on a tiny training run."""
+
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
+
+from src.train import train
+from tests.conftest import ROOT, compose_config, tiny_overrides
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+class ThisInterpreterKernel(AsyncKernelManager):
+    """Starts the kernel with the interpreter that runs the tests (the venv's), whichever `python3` kernelspec
+    Jupyter would otherwise find first (a user-level one may point at another Python without our packages)."""
+
+    def format_kernel_cmd(self, extra_arguments=None):
+        return [
+            sys.executable,
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            self.connection_file,
+            *(extra_arguments or []),
+        ]
+
+
+def execute_notebook(path: Path, timeout: int = 300) -> nbformat.NotebookNode:
+    """Run every cell in a fresh kernel started in the notebook's folder (as Jupyter does); raises
+    nbclient's CellExecutionError, with the failing cell and its traceback, when a cell fails."""
+    notebook = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        notebook,
+        timeout=timeout,
+        kernel_name="python3",
+        kernel_manager_class=ThisInterpreterKernel,
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    client.execute()
+    return notebook
+
+
+def outputs_of(notebook: nbformat.NotebookNode) -> list[dict]:
+    return [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+
+
+def test_there_are_notebooks():
+    assert ROOT / "notebooks" / "style_retrieval.ipynb" in NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebook_has_no_outputs(path):
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    dirty = [
+        i
+        for i, cell in enumerate(notebook.cells)
+        if cell.cell_type == "code" and (cell.outputs != [] or cell.execution_count is not None)
+    ]
+    assert not dirty, f"{path.name}: code cells {dirty} hold outputs; clear them before committing"
+
+
+def test_style_retrieval_takes_run_dir_as_its_first_parameter():
+    notebook = nbformat.read(ROOT / "notebooks" / "style_retrieval.ipynb", as_version=4)
+    first = next(cell for cell in notebook.cells if cell.cell_type == "code")
+    assert "parameters" in first.metadata.get("tags", [])  # papermill injects its values after this cell
+    assert 'RUN_DIR = os.environ.get("RUN_DIR"' in first.source
+
+
+@pytest.mark.slow
+def test_style_retrieval_notebook_runs_on_a_tiny_training_run(data_dir, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    overrides = ["experiment=csd_quickstart", *tiny_overrides(data_dir), "eval_before_training=false"]
+    train(compose_config("train.yaml", overrides, run_dir))
+    assert (run_dir / "embeddings" / "test.npz").is_file()
+
+    monkeypatch.setenv("RUN_DIR", str(run_dir))  # the kernel inherits the environment
+    notebook = execute_notebook(ROOT / "notebooks" / "style_retrieval.ipynb")
+
+    outputs = outputs_of(notebook)
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert f"Run:        {run_dir}" in text
+    assert "compared metrics match metrics.json" in text
+    figures = [o for o in outputs if "image/png" in o.get("data", {})]
+    # per-style precision bars, retrieval gallery, top-1 confusion matrix, 2-D PCA scatter
+    assert len(figures) == 4, f"expected 4 figures, got {len(figures)}"
+    tables = [o for o in outputs if "text/html" in o.get("data", {})]
+    assert any("mAP@10" in t["data"]["text/html"] for t in tables), "no metrics table was shown"
