@@ -19,8 +19,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-demo: install  ## train CSD on the embedded style benchmark and print retrieval metrics before/after
+demo: install  ## train CSD on the embedded style benchmark (metrics before/after), then score two baselines
 	$(PY) -m src.train experiment=csd_quickstart $(ARGS)
+	$(PY) -m src.evaluate extractor=pixels
+	$(PY) -m src.evaluate extractor=color_hist
 
 test: install-dev  ## the whole test suite, slow end-to-end tests included
 	$(PY) -m pytest -q $(ARGS)

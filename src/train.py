@@ -6,6 +6,7 @@ fits, tests, writes `metrics.json` in the run directory and returns the metric a
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -80,9 +81,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     finally:
-        import wandb
-
-        if wandb.run is not None:  # close the run so the next job of a multirun starts its own
+        wandb = sys.modules.get("wandb")  # imported only when a W&B logger was used
+        if wandb is not None and wandb.run is not None:  # close it so the next job of a multirun starts its own
             wandb.finish()
     metric = cfg.get("optimized_metric")
     if metric and metric not in metrics:

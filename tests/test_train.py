@@ -132,12 +132,12 @@ def test_resume_with_another_backbone_says_which(data_dir, tmp_path):
             "experiment=csd_quickstart",
             *tiny_overrides(data_dir),
             "trainer.max_steps=4",
-            "model.backbone.name=resnet10t",
+            "model.backbone.name=resnet18",
             f"ckpt_path={tmp_path / 'a'}",
         ],
         tmp_path / "b",
     )
-    with pytest.raises(ValueError, match="resnet18"):
+    with pytest.raises(ValueError, match="resnet10t"):
         train(cfg)
 
 
@@ -204,6 +204,9 @@ def test_two_job_multirun_gets_two_run_directories(data_dir, tmp_path):
     metrics = sorted((tmp_path / "train" / "multiruns").glob("*/*/metrics.json"))
     assert len(metrics) == 2 and metrics[0].parent != metrics[1].parent
     assert all("test/mAP@10" in json.loads(m.read_text()) for m in metrics)
+    table = run_module(["experiments/csd_style_retrieval/aggregate.py", str(tmp_path / "train" / "multiruns")])
+    assert table.returncode == 0, table.stderr
+    assert "seed=0" in table.stdout and "seed=1" in table.stdout and "| mAP@1 |" in table.stdout
 
 
 @pytest.mark.slow
