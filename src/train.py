@@ -58,7 +58,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.test(model, datamodule=datamodule, verbose=False)
         metrics.update({f"before/{k}": v for k, v in to_float_dict(trainer.callback_metrics).items()})
     if cfg.get("train"):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics.update(to_float_dict(trainer.callback_metrics))
     if cfg.get("test"):
         trainer.test(model, datamodule=datamodule, verbose=False)

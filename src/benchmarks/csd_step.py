@@ -1,30 +1,31 @@
-"""Benchmark: Lightning overhead of a CSD training step, against a plain PyTorch loop doing the same math.
+"""Benchmark: Lightning overhead of a CSD training step against a plain PyTorch loop doing the same math.
 
 Both sides train the same network from the same initial weights on the same fixed batch: a seeded random
-(B, 2, 3, H, W) image tensor and multi-hot labels, served by a DataLoader over a dataset that returns that batch,
-so data loading is identical and negligible.
+(B, 2, 3, H, W) image tensor and multi-hot labels, served by a DataLoader over a dataset that returns that
+batch, so data loading is identical and negligible.
 
-- Lightning: `CSDModule` under a real `lightning.Trainer.fit(max_steps=...)` with no logger, no checkpointing, no
-  progress bar, no model summary and no validation. Everything the module does each step is included (logging,
-  the non-finite loss guard, per-parameter clipping through `configure_gradient_clipping`, the LR scheduler).
-- Plain: the forward of `CSDModule.training_step` written out, the module's own `csd_loss` (same supcon losses and
-  weights), `zero_grad`, `backward`, `clip_gradients_per_parameter`, SGD with the parameter groups of
+- Lightning: `CSDModule` under a real `lightning.Trainer.fit(max_steps=...)` with no logger, no checkpointing,
+  no progress bar, no model summary and no validation. Everything the module does each step is included
+  (logging, the non-finite loss guard, per-parameter clipping through `configure_gradient_clipping`, the LR
+  scheduler).
+- Plain: the forward of `CSDModule.training_step` written out, the module's own `csd_loss` (same supcon losses
+  and weights), `zero_grad`, `backward`, `clip_gradients_per_parameter`, SGD with the parameter groups of
   `CSDModule.configure_optimizers`, and the LR scheduler step; autocast (and a GradScaler for 16-mixed) as
   Lightning's precision plugin does.
 
-Timing: one warm-up window per side, then `--repeats` windows interleaved (L P L P ...). Each window is one
-`Trainer.fit` (or one pass of the plain loop) of 1 + `--steps` steps; the first step carries the fit's one-off
-setup and is not timed. A step is the full loop period, from the end of one step to the end of the next: data
-fetch, forward, backward, clipping, optimizer and scheduler. On CPU each step is timed on its own and the report
-gives the median over all timed steps (robust to other processes sharing the CPU); on CUDA each window gives one
-mean step time (a sync per step would hide the host/device overlap) and the report gives the median window. Peak
-memory is taken within the windows: CUDA `max_memory_allocated`, or on CPU the peak RSS (VmHWM, reset per window
-through /proc/self/clear_refs; the process-lifetime peak where that is unavailable). Both sides run in one
-process with the same torch thread count.
+Timing: one warm-up window per side, then `--repeats` windows per side, interleaved (L P P L L P ...). Each
+window is one `Trainer.fit` (or one pass of the plain loop) of 1 + `--steps` steps; the first step carries the
+fit's one-off setup and is not timed. A step is the full loop period, from the end of one step to the end of
+the next: data fetch, forward, backward, clipping, optimizer and scheduler. On CPU each step is timed on its
+own and the report gives the median over all timed steps (robust to other processes sharing the CPU); on CUDA
+each window gives one mean step time (a sync per step would hide the host/device overlap) and the report gives
+the median window. Peak memory is taken within the windows: CUDA `max_memory_allocated`, or on CPU the peak
+RSS (VmHWM, reset per window through /proc/self/clear_refs; the process-lifetime peak where that is
+unavailable). Both sides run in one process with the same torch thread count.
 
-    python -m src.benchmarks.csd_step                          # timm resnet18 at 64 px, batch 32: ~1 min on 2 cores
-    python -m src.benchmarks.csd_step --backbone ViT-B-16 --source open_clip --image-size 224 --embed-dim none \\
-        --device cuda --precision bf16-mixed --batch-size 64 --steps 20
+    python -m src.benchmarks.csd_step        # timm resnet18 at 64 px, batch 32: about 1 min on 2 CPU cores
+    python -m src.benchmarks.csd_step --backbone ViT-B-16 --source open_clip --image-size 224 \\
+        --embed-dim none --device cuda --precision bf16-mixed --batch-size 64 --steps 20
 """
 
 import argparse
@@ -49,7 +50,7 @@ PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 
 
 class SameBatch(Dataset):
-    """`length` times the same batch dict; use with DataLoader(batch_size=None) so it is handed over as it is."""
+    """`length` times the same batch dict; DataLoader(batch_size=None) hands it over as it is."""
 
     def __init__(self, batch: dict, length: int):
         self.batch, self.length = batch, length
@@ -62,7 +63,7 @@ class SameBatch(Dataset):
 
 
 def make_batch(batch_size: int, image_size: int, num_labels: int, seed: int) -> dict:
-    """{"images": (B, 2, 3, S, S) float32, "labels": (B, L) float32 multi-hot, each row with 1 to 3 labels}."""
+    """{"images": (B, 2, 3, S, S) float32, "labels": (B, L) float32 multi-hot with 1 to 3 labels a row}."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, 2, 3, image_size, image_size, generator=g)
     labels = torch.zeros(batch_size, num_labels)
@@ -118,9 +119,10 @@ class PeakMemory:
 class StepTimer:
     """Step durations within one window, from the end of its first step to the end of its last.
 
-    The first step carries one-off setup (the fit's, or a fresh DataLoader iterator's), so it is never timed. On CPU
-    every later step is timed on its own. On CUDA the clock synchronises only at the window's two ends, since a sync
-    per step would hide the host/device overlap being measured, so a window yields one mean step time.
+    The first step carries one-off setup (the fit's, or a fresh DataLoader iterator's), so it is never timed.
+    On CPU every later step is timed on its own. On CUDA the clock synchronises only at the window's two ends,
+    since a sync per step would hide the host/device overlap being measured, so a window yields one mean step
+    time.
     """
 
     def __init__(self, memory: PeakMemory, device: torch.device):
@@ -166,7 +168,7 @@ class LightningClock(L.Callback):
 
 
 def lightning_window(module: CSDModule, batch: dict, steps: int, args, timer: StepTimer) -> dict:
-    """One `Trainer.fit` of 1 + `steps` steps; returns the timed step durations (s), peak memory, first loss."""
+    """One `Trainer.fit` of 1 + `steps` steps: timed step durations (s), peak memory, first-step loss."""
     clock = LightningClock(timer.window(1 + steps))
     trainer = L.Trainer(
         accelerator="gpu" if args.device.startswith("cuda") else "cpu",
@@ -195,8 +197,8 @@ class PlainLoop:
     def __init__(self, module: CSDModule, args, total_steps: int):
         self.module, self.device = module.to(args.device), torch.device(args.device)
         self.module.train()
-        # configure_optimizers reads only these three attributes of its trainer: the same SGD parameter groups,
-        # LR scaling and LambdaLR schedule as under Lightning.
+        # configure_optimizers reads only these three attributes of its trainer: the same SGD parameter
+        # groups, LR scaling and LambdaLR schedule as under Lightning.
         module.trainer = types.SimpleNamespace(
             world_size=1, accumulate_grad_batches=1, estimated_stepping_batches=total_steps
         )
@@ -277,8 +279,8 @@ def parse_args(argv=None):
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     if args.precision == "16-mixed" and not args.device.startswith("cuda"):
         raise SystemExit(
-            "--precision 16-mixed: Lightning replaces it with bf16-mixed on CPU, so the two sides would differ; "
-            "pass --precision bf16-mixed (or run on --device cuda)"
+            "--precision 16-mixed: Lightning replaces it with bf16-mixed on CPU, so the two sides would "
+            "differ; pass --precision bf16-mixed (or run on --device cuda)"
         )
     if min(args.steps, args.repeats, args.warmup) < 1:
         raise SystemExit(
@@ -304,17 +306,22 @@ def main(argv=None) -> None:
     plain = PlainLoop(build_module(args), args, total_steps=total_steps)
 
     print(
-        f"CSD training step: {args.source} {args.backbone} at {args.image_size} px, batch {args.batch_size} x 2 views, "
-        f"embed_dim {args.embed_dim}, device {args.device}, precision {args.precision}, "
-        f"torch threads {torch.get_num_threads()}",
+        f"CSD training step: {args.source} {args.backbone} at {args.image_size} px, "
+        f"batch {args.batch_size} x 2 views, embed_dim {args.embed_dim}, device {args.device}, "
+        f"precision {args.precision}, torch threads {torch.get_num_threads()}",
         flush=True,
     )
     warm_l = lightning_window(lightning_module, batch, args.warmup, args, timer)
     warm_p = plain.window(batch, args.warmup, timer)
     results = {"lightning": [], "plain": []}
+    run = {
+        "lightning": lambda: lightning_window(lightning_module, batch, args.steps, args, timer),
+        "plain": lambda: plain.window(batch, args.steps, timer),
+    }
     for repeat in range(args.repeats):
-        results["lightning"].append(lightning_window(lightning_module, batch, args.steps, args, timer))
-        results["plain"].append(plain.window(batch, args.steps, timer))
+        # L P P L L P ...: alternating which side goes first cancels any bias of running first or second.
+        for name in ("lightning", "plain") if repeat % 2 == 0 else ("plain", "lightning"):
+            results[name].append(run[name]())
         means = {name: statistics.mean(windows[-1]["steps"]) * 1e3 for name, windows in results.items()}
         print(
             f"  window {repeat + 1}/{args.repeats}: Lightning {means['lightning']:.1f} ms, "
@@ -328,8 +335,8 @@ def print_report(args, results: dict, loss_lightning: float, loss_plain: float, 
     memory_kind = "CUDA peak allocated" if args.device.startswith("cuda") else "peak RSS"
     unit = "window means (one per window, CUDA)" if args.device.startswith("cuda") else "single steps"
     print(
-        f"\n{args.repeats} windows per side, interleaved, each timing {args.steps} steps after 1 untimed step "
-        f"(plus one {args.warmup}-step warm-up window per side); statistics over {unit}"
+        f"\n{args.repeats} windows per side, interleaved L P P L ..., each timing {args.steps} steps "
+        f"after 1 untimed step (plus one {args.warmup}-step warm-up window per side); statistics over {unit}"
     )
     header = (
         f"{'method':<34}{'median step (ms)':>18}{'min (ms)':>10}{'max (ms)':>10}{memory_kind + ' (MiB)':>26}"
@@ -342,13 +349,17 @@ def print_report(args, results: dict, loss_lightning: float, loss_plain: float, 
         median[name] = statistics.median(steps)
         peak = max(window["peak"] for window in windows) / MIB
         print(f"{labels[name]:<34}{median[name]:>18.1f}{min(steps):>10.1f}{max(steps):>10.1f}{peak:>26.1f}")
+    if not args.device.startswith("cuda"):
+        print(
+            "  peak RSS is of the one process running both sides (both models included): compare, don't add"
+        )
     if memory.note:
         print(f"  memory: {memory.note}")
     ratio = median["lightning"] / median["plain"]
     verdict = "meets" if ratio <= 1.05 else "MISSES"
     print(f"ratio Lightning / plain (median step): {ratio:.3f} ({verdict} the target <= 1.05)")
     print(
-        f"same math check, loss of the first step from the same initial weights: Lightning {loss_lightning:.6f}, "
+        f"same math check, first-step loss from the same initial weights: Lightning {loss_lightning:.6f}, "
         f"plain {loss_plain:.6f} (|diff| {abs(loss_lightning - loss_plain):.1e})"
     )
 

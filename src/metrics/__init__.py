@@ -17,3 +17,4 @@ __all__ = [
     "retrieval_metrics",
     "retrieval_topk",
 ]
+from src.metrics.replication import replication_stats  # noqa: E402, F401

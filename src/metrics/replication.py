@@ -1,0 +1,159 @@
+"""Replication statistics of generations against their training set, as the official DCR code computes them.
+
+Follows somepago/DCR `diff_retrieval.py` (PAPERS.md §1.6, §1.9, §2.8): features are L2-normalised and compared
+by dot product; each generation's top-1 similarity to the training set gives the `sim_*` statistics, each
+training image's similarity to its nearest other training image gives the background `bg_*` statistics.
+
+Statistics exactly as the official code computes them with numpy:
+- mean: `np.mean`; std: `np.std`, i.e. the population std (ddof=0), not the sample std;
+- percentiles: `np.percentile(x, q)` with numpy's default "linear" interpolation (sorted values v_0..v_{n-1},
+  position (n - 1) * q / 100, linear between the two neighbours);
+- `sim_gt_thr`: `np.sum(x > thr) / len(x)`, a share in [0, 1] with a STRICT "greater than" (a top-1 similarity
+  equal to the threshold does not count). The official key is `sim_gt_05pc` for the fixed threshold 0.5.
+
+Two deliberate differences, both below float32 rounding for normalised features:
+- The official background takes the 2nd-largest value of each row of the full train x train matrix
+  (`topk(2)[:, -1]`), assuming the largest is the image itself. We exclude the image itself by index, so an
+  exact duplicate still counts as similarity 1.0 (as it does in the official code) but a rounding error that
+  makes a near-duplicate score above the self-similarity cannot shift the result. We also never build the
+  full G x N or N x N matrix (chunked search, `src.metrics.retrieval.retrieval_topk`).
+- The statistics are computed in float64 (the official code runs numpy on float32 arrays).
+"""
+
+import numpy as np
+import torch
+
+from src.metrics.retrieval import retrieval_topk
+
+# How far from 1 a row's L2 norm may be before the features are rejected as not normalised. Loose enough
+# for features normalised in float16 (relative precision ~1e-3), tight enough to catch raw features.
+_NORM_TOLERANCE = 1e-2
+PERCENTILES = (75, 90, 95)
+
+
+def _as_features(x, name: str) -> torch.Tensor:
+    """Validate (rows, D) L2-normalised features: torch or numpy, floating point, non-empty, finite."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, D) features, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must hold floating-point features, got dtype {x.dtype}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(
+            f"{name} is empty (shape {tuple(x.shape)}): replication statistics need >= 1 feature"
+        )
+    x = x if x.dtype == torch.float64 else x.float()
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).any(dim=1).nonzero()[0].item()
+        raise ValueError(f"{name} has non-finite values (first in row {bad})")
+    norms = x.norm(dim=1)
+    off = ((norms - 1).abs() > _NORM_TOLERANCE).nonzero()
+    if off.numel() > 0:
+        row = off[0].item()
+        raise ValueError(
+            f"{name} row {row} has L2 norm {norms[row].item():.4f} ({off.numel()} rows off by more than "
+            f"{_NORM_TOLERANCE}); replication statistics expect L2-normalised features: pass "
+            "torch.nn.functional.normalize(features, dim=1)"
+        )
+    return x
+
+
+def top1_similarities(generated, train, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each generation's similarity to its nearest training image (`main_v, main_l` in DCR `diff_retrieval.py`).
+
+    Args:
+        generated: (G, D) L2-normalised features, torch or numpy.
+        train: (N, D) L2-normalised features.
+        chunk_size: generations per similarity chunk (peak extra memory ~ chunk_size * N floats).
+
+    Returns:
+        sims (G,) float, the top-1 cosine similarity, and indices (G,) int64 into `train`, on the device of
+        `generated`.
+    """
+    generated = _as_features(generated, "generated")
+    train = _as_features(train, "train")
+    if generated.shape[1] != train.shape[1]:
+        raise ValueError(
+            f"generated features {tuple(generated.shape)} and train features {tuple(train.shape)} have "
+            "different dims D: extract both with the same extractor"
+        )
+    scores, indices = retrieval_topk(generated, train, k=1, chunk_size=chunk_size)
+    return scores[:, 0], indices[:, 0]
+
+
+def train_background(train, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each training image's similarity to its nearest OTHER training image (the DCR `bg_v` baseline).
+
+    The image itself is excluded by index, not by value: an exact duplicate elsewhere in the set counts, with
+    similarity 1.0.
+
+    Args:
+        train: (N, D) L2-normalised features, N >= 2.
+        chunk_size: rows per similarity chunk.
+
+    Returns:
+        sims (N,) float and indices (N,) int64 of the nearest other image, on the device of `train`.
+    """
+    train = _as_features(train, "train")
+    if train.shape[0] < 2:
+        raise ValueError(f"train has {train.shape[0]} image(s): the background needs >= 2 training images")
+    scores, indices = retrieval_topk(train, train, k=2, chunk_size=chunk_size)  # (N, 2)
+    # At most one of the top 2 is the image itself, so the best other image is column 1 when column 0 is self
+    # and column 0 otherwise (self can rank second, behind an exact duplicate, when scores tie).
+    rows = torch.arange(train.shape[0], device=indices.device)
+    column = (indices[:, 0] == rows).long()[:, None]  # (N, 1)
+    return scores.gather(1, column)[:, 0], indices.gather(1, column)[:, 0]
+
+
+def summary_stats(values, prefix: str) -> dict[str, float]:
+    """`{prefix}_mean`, `_std` (ddof=0), `_75pc`, `_90pc`, `_95pc` (numpy linear percentiles) of a 1-D vector."""
+    values = torch.as_tensor(values).detach().cpu().double().numpy()
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"{prefix} similarities must be a non-empty 1-D vector, got shape {values.shape}")
+    out = {f"{prefix}_mean": float(np.mean(values)), f"{prefix}_std": float(np.std(values))}
+    for q in PERCENTILES:
+        out[f"{prefix}_{q}pc"] = float(np.percentile(values, q))
+    return out
+
+
+def stats_from_similarities(top1, background, threshold: float = 0.5) -> dict[str, float]:
+    """The DCR statistics from precomputed similarity vectors (any similarity: dot product, split-product).
+
+    Args:
+        top1: (G,) each generation's top-1 similarity to the training set.
+        background: (N,) each training image's similarity to its nearest other training image.
+        threshold: a generation counts in `sim_gt_thr` when its top-1 similarity is STRICTLY greater.
+
+    Returns:
+        {sim_mean, sim_std, sim_75pc, sim_90pc, sim_95pc, sim_gt_thr, bg_mean, bg_std, bg_75pc, bg_90pc,
+        bg_95pc} as Python floats; see the module docstring for the exact definitions.
+    """
+    out = summary_stats(top1, "sim")
+    top1 = torch.as_tensor(top1).detach().cpu().double()
+    out["sim_gt_thr"] = float((top1 > threshold).double().mean())
+    out.update(summary_stats(background, "bg"))
+    return out
+
+
+def replication_stats(generated, train, threshold: float = 0.5, chunk_size: int = 1024) -> dict[str, float]:
+    """Replication statistics of generations against a training set, as DCR `diff_retrieval.py` logs them.
+
+    Args:
+        generated: (G, D) L2-normalised features of the generations, torch or numpy.
+        train: (N, D) L2-normalised features of the training images (same extractor), N >= 2.
+        threshold: top-1 similarity above which (strictly) a generation counts as a potential copy; 0.5 with
+            SSCD in both papers (PAPERS.md §1.8, §2.8).
+        chunk_size: rows per similarity chunk (peak extra memory ~ chunk_size * N floats).
+
+    Returns:
+        {sim_mean, sim_std, sim_75pc, sim_90pc, sim_95pc, sim_gt_thr, bg_mean, bg_std, bg_75pc, bg_90pc,
+        bg_95pc}: `sim_*` over the G top-1 similarities, `sim_gt_thr` the share of generations above the
+        threshold, `bg_*` over the N nearest-other-training-image similarities. `sim_95pc` is the papers'
+        headline "Sim" score.
+    """
+    top1, _ = top1_similarities(generated, train, chunk_size)
+    background, _ = train_background(train, chunk_size)
+    return stats_from_similarities(top1, background, threshold)

@@ -1,0 +1,8 @@
+"""Replication analysis: exact bounded-memory similarity search of generations against training images.
+
+Statistics over the search results live in `src.metrics.replication` (pure functions on features).
+"""
+
+from src.replication.search import faiss_topk, search_topk, split_product_similarity
+
+__all__ = ["faiss_topk", "search_topk", "split_product_similarity"]
