@@ -293,3 +293,20 @@ def test_csd_step_benchmark_rejects_fp16_on_cpu():
 
     with pytest.raises(SystemExit, match="bf16-mixed"):
         parse_args(["--precision", "16-mixed"])
+
+
+@pytest.mark.slow
+def test_csd_step_benchmark_runs_end_to_end():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = [sys.executable, "-m", "src.benchmarks.csd_step", "--image-size", "32", "--batch-size", "4"]
+    command += ["--steps", "2", "--repeats", "2", "--warmup", "1", "--labels", "10"]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"ratio Lightning / plain \(median step\): \d+\.\d{3}", proc.stdout)
+    diff = float(re.search(r"\|diff\| ([0-9.e+-]+)\)", proc.stdout).group(1))
+    assert diff < 1e-5

@@ -11,20 +11,21 @@ Each method runs in a fresh subprocess with the same torch thread count, so its 
 RSS delta from `resource.getrusage` on CPU (peak RSS after the call minus RSS just before it), or the CUDA
 allocator's peak delta on GPU. At 10k x 100k the baseline needs a 4 GB float32 matrix plus an 8 GB int64
 argsort, so on CPU it runs on the first `--baseline-queries` queries and its time and memory are extrapolated
-linearly in Q (both are dominated by the Q x N matrices). The synthetic data is seeded and identical in both
-subprocesses, and the metrics of the two methods are compared on the queries they share.
+linearly in Q (both are dominated by the Q x N matrices; the scaling also multiplies count_relevant's
+per-database part, about 0.05 s, which overstates the baseline by under 1%). The synthetic data is seeded and
+identical in both subprocesses, and the metrics of the two methods are compared on the queries they share.
 
 After the timed call, each worker times its phases one by one (matrix product, top-k or argsort, hits,
 count_relevant, metrics). Both methods compute the same Q x N x D matrix product, so the baseline's total over
 our matrix-product time is the largest speed-up any exact float32 method could reach: the report prints it as
 the ceiling next to the measured speed-up.
 
-Reference run (2 AMD EPYC vCPUs, float32 MKL matrix product at ~145 GFLOP/s, otherwise idle): chunked 12.0
-s and 407 MiB, baseline 53 s and ~15 GiB (extrapolated from 1000 queries), 4.5x faster. The matrix product is
-90% of our time and 21% of the baseline's, which caps any exact float32 method at ~5x here: the issue's 10x
-target cannot be met on this CPU without giving up float32 exactness.
+Reference runs (2 AMD EPYC vCPUs, float32 MKL matrix product at 145-155 GFLOP/s, otherwise idle): chunked
+10.8-12.0 s and 407 MiB, baseline 52-53 s and ~15 GiB (extrapolated from 1000 queries), 4.5-4.8x faster. The
+matrix product is ~90% of our time and ~20% of the baseline's, which caps any exact float32 method at ~5x
+here: the issue's 10x target cannot be met on this CPU without giving up float32 exactness.
 
-    python -m src.benchmarks.retrieval_metrics                       # CPU defaults, about 1.5 min on 2 cores
+    python -m src.benchmarks.retrieval_metrics                       # CPU defaults, about 1 min on 2 cores
     python -m src.benchmarks.retrieval_metrics --device cuda         # GPU; baseline on all queries by default
     python -m src.benchmarks.retrieval_metrics --queries 2000 --database 20000 --dim 128
 """
@@ -183,6 +184,36 @@ def run_worker(args) -> dict:
     return result
 
 
+def busy_cpu_fraction(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPUs' time spent busy over the next `seconds` (from /proc/stat; None off Linux)."""
+
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + values[4]  # idle + iowait
+        return sum(values[:8]) - idle, sum(values[:8])
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(1, total1 - total0)
+
+
+def warn_if_busy() -> None:
+    """Warn when other processes keep the CPUs busy: every timing is then unreliable, on both sides."""
+    busy = busy_cpu_fraction()
+    if busy is not None and busy > 0.2:
+        print(
+            f"warning: the CPUs were {busy:.0%} busy with other processes just before the run. Timings "
+            "will be noisy, and OpenMP threads waiting for a descheduled peer can make a step several times "
+            "slower: rerun on an idle machine before trusting the ratios.",
+            flush=True,
+        )
+
+
 def launch(worker: str, args) -> dict:
     """Runs one method in a fresh Python process and parses its result line."""
     command = [sys.executable, "-m", "src.benchmarks.retrieval_metrics", "--worker", worker]
@@ -330,6 +361,7 @@ def main(argv=None) -> None:
     if args.worker:
         print("RESULT " + json.dumps(run_worker(args)), flush=True)
         return
+    warn_if_busy()
     print(f"running chunked top-k on {args.queries} queries ...", flush=True)
     ours = launch("chunked", args)
     print(f"running full-argsort baseline on {args.baseline_queries} queries ...", flush=True)
