@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from src.metrics.retrieval import retrieval_topk
+from src.replication.search import as_feature_matrix
 
 # How far from 1 a row's L2 norm may be before the features are rejected as not normalised. Loose enough
 # for features normalised in float16 (relative precision ~1e-3), tight enough to catch raw features.
@@ -33,22 +34,10 @@ PERCENTILES = (75, 90, 95)
 
 def _as_features(x, name: str) -> torch.Tensor:
     """Validate (rows, D) L2-normalised features: torch or numpy, floating point, non-empty, finite."""
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows, D) features, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must hold floating-point features, got dtype {x.dtype}")
+    x = as_feature_matrix(x, name)
     if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(
-            f"{name} is empty (shape {tuple(x.shape)}): replication statistics need >= 1 feature"
-        )
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): replication statistics need >= 1 feature")
     x = x if x.dtype == torch.float64 else x.float()
-    if not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x)).any(dim=1).nonzero()[0].item()
-        raise ValueError(f"{name} has non-finite values (first in row {bad})")
     norms = x.norm(dim=1)
     off = ((norms - 1).abs() > _NORM_TOLERANCE).nonzero()
     if off.numel() > 0:

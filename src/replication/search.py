@@ -23,7 +23,8 @@ BACKENDS = ("auto", "torch", "faiss")
 FAISS_MIN_DATABASE = 50_000
 
 
-def _as_features(x, name: str) -> torch.Tensor:
+def as_feature_matrix(x, name: str) -> torch.Tensor:
+    """Validate a (rows, D) floating-point, finite feature matrix (torch or numpy) and return it as a tensor."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
@@ -103,8 +104,8 @@ def search_topk(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    query = _as_features(query, "query")
-    database = _as_features(database, "database")
+    query = as_feature_matrix(query, "query")
+    database = as_feature_matrix(database, "database")
     k = _check_pair(query, database, k, exclude_self)
     if chunk_size < 1 or database_chunk_size < 1:
         raise ValueError(
@@ -195,8 +196,8 @@ def faiss_topk(query, database, k: int, index: str = "flat", exclude_self: bool 
         import faiss
     except ImportError as error:
         raise ImportError("faiss is not installed: pip install faiss-cpu, or use backend='torch'") from error
-    query = _as_features(query, "query")
-    database = _as_features(database, "database")
+    query = as_feature_matrix(query, "query")
+    database = as_feature_matrix(database, "database")
     k = _check_pair(query, database, k, exclude_self)
     query_np = np.ascontiguousarray(query.detach().cpu().float().numpy())
     database_np = np.ascontiguousarray(database.detach().cpu().float().numpy())
