@@ -36,31 +36,36 @@ def load_style_bench(root: str, seed: int = 0, image_size: int = 96, images_per_
 
 @torch.no_grad()
 def embed_images(extractor, root: Path, paths: list[str], batch_size: int, num_workers: int, device: torch.device,
-                 desc: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Embed images with the extractor's own preprocessing. Returns (embeddings (M, D), kept row indices (M,),
-    number of unreadable images skipped)."""
+                 desc: str, project=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Embed images with the extractor's own preprocessing, applying `project` (e.g. a fitted PCA) to each batch so
+    that only reduced embeddings are held. Returns (embeddings (M, D), kept row indices (M,), number skipped)."""
     loader = DataLoader(RetrievalImageDataset(root, paths, extractor.transform()), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate_skip_none)
     embeddings, indices, skipped = [], [], 0
     for batch in tqdm(loader, desc=desc, unit="batch"):
         skipped += batch["num_skipped"]
         if "image" in batch:
-            embeddings.append(extractor(batch["image"].to(device)).float().cpu())
+            features = extractor(batch["image"].to(device)).float().cpu()
+            embeddings.append(project(features) if project is not None else features)
             indices.append(batch["index"])
     if not embeddings:
         raise RuntimeError(f"No readable image among the {len(paths)} {desc} images under {root}.")
     return torch.cat(embeddings), torch.cat(indices), skipped
 
 
-def pca_reduce(query: torch.Tensor, database: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit a PCA on the database embeddings with faiss (as the official VGG Gram baseline, PAPERS.md §3.6), project
-    both sets and L2-normalise."""
+def fit_pca(features: torch.Tensor, dims: int):
+    """Fit a PCA with faiss (as the official VGG Gram baseline, PAPERS.md §3.6); returns x -> L2-normalised projection."""
     import faiss
 
-    dims = min(dims, database.shape[1], database.shape[0])
-    pca = faiss.PCAMatrix(database.shape[1], dims)
-    pca.train(np.ascontiguousarray(database.numpy(), dtype=np.float32))
-    project = lambda x: F.normalize(torch.from_numpy(pca.apply(np.ascontiguousarray(x.numpy(), np.float32))), dim=-1)  # noqa: E731
+    dims = min(dims, features.shape[1], features.shape[0])
+    pca = faiss.PCAMatrix(features.shape[1], dims)
+    pca.train(np.ascontiguousarray(features.numpy(), dtype=np.float32))
+    return lambda x: F.normalize(torch.from_numpy(pca.apply(np.ascontiguousarray(x.numpy(), np.float32))), dim=-1)
+
+
+def pca_reduce(query: torch.Tensor, database: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit a PCA on the database embeddings, project both sets and L2-normalise."""
+    project = fit_pca(database, dims)
     return project(query), project(database)
 
 
@@ -85,8 +90,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         rset: RetrievalSet = hydra.utils.instantiate(cfg.benchmark)
         extractor = hydra.utils.instantiate(cfg.extractor).to(device).eval()
         args = (cfg.batch_size, cfg.num_workers, device)
-        query, q_rows, q_skip = embed_images(extractor, rset.root, rset.query, *args, desc="query")
-        database, d_rows, d_skip = embed_images(extractor, rset.root, rset.database, *args, desc="database")
+        project = None
+        if cfg.get("pca_dims"):
+            # Fit on a random sample of the database first, then keep only reduced embeddings: wide descriptors
+            # (VGG Gram: 131k dims) of a whole WikiArt would not fit in memory (~42 GB for 80k images).
+            sample = torch.randperm(len(rset.database), generator=torch.Generator().manual_seed(0))
+            sample = [rset.database[i] for i in sample[: cfg.pca_fit_images].tolist()]
+            project = fit_pca(embed_images(extractor, rset.root, sample, *args, desc="PCA sample")[0], cfg.pca_dims)
+        query, q_rows, q_skip = embed_images(extractor, rset.root, rset.query, *args, desc="query", project=project)
+        database, d_rows, d_skip = embed_images(extractor, rset.root, rset.database, *args, desc="database",
+                                                project=project)
         if q_skip or d_skip:
             log.warning(f"Skipped unreadable images: {q_skip} queries, {d_skip} database images (left out of scoring).")
         query_labels, database_labels = rset.query_labels[q_rows], rset.database_labels[d_rows]
@@ -96,7 +109,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                                    [rset.database[i] for i in d_rows.tolist()], root=rset.root, descriptor=name,
                                    half=cfg.half_embeddings)
             log.info(f"Saved embeddings to {path}")
-    if cfg.get("pca_dims"):
+    if cfg.get("pca_dims") and cfg.get("embeddings") and query.shape[1] > cfg.pca_dims:
         query, database = pca_reduce(query, database, cfg.pca_dims)
     metrics = retrieval_metrics(query, database, query_labels, database_labels, ks=tuple(cfg.ks))
     save_metrics(metrics, output_dir / "metrics.json")
