@@ -3,7 +3,9 @@ the CSD code."""
 
 import inspect
 import json
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
 import numpy as np
@@ -17,10 +19,13 @@ from PIL import Image
 from src.nn.extractors import (
     ColorHistogramExtractor,
     Extractor,
+    GeMPool,
     GramExtractor,
     OpenCLIPExtractor,
     PixelExtractor,
+    SSCDExtractor,
     TimmExtractor,
+    build_sscd,
 )
 
 TINY_CLIP = {
@@ -171,6 +176,8 @@ PAPER_CONFIGS = [
     "dino_vitb16",
     "dino_vitb8",
     "csd",
+    "sscd",
+    "sscd_resnext101",
 ]
 
 
@@ -192,3 +199,123 @@ def test_weight_free_configs_instantiate(name):
     extractor = hydra.utils.instantiate(OmegaConf.load(CONF_DIR / f"{name}.yaml"))
     images = extractor.transform()(random_image()).unsqueeze(0)
     assert extractor(images).shape == (1, extractor.dim)
+
+
+@pytest.fixture(scope="module")
+def sscd_files(tmp_path_factory) -> dict[str, Path]:
+    """A randomly initialised SSCD ResNet-50 saved as a state dict and as TorchScript (the official formats)."""
+    torch.manual_seed(0)
+    net = build_sscd("resnet50").eval()
+    folder = tmp_path_factory.mktemp("sscd")
+    torch.save(net.state_dict(), folder / "sscd_r50.pt")
+    with warnings.catch_warnings():  # torch.jit is deprecated; the official SSCD files are TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(net), folder / "sscd_r50.torchscript.pt")
+    return {"state_dict": folder / "sscd_r50.pt", "torchscript": folder / "sscd_r50.torchscript.pt"}
+
+
+def testread_sscd_state_dict_and_torchscript_give_identical_unit_descriptors(sscd_files):
+    from_state = SSCDExtractor(str(sscd_files["state_dict"]), arch="resnet50")
+    from_script = SSCDExtractor(str(sscd_files["torchscript"]))
+    assert isinstance(from_script.net, torch.jit.ScriptModule) and not isinstance(
+        from_state.net, torch.jit.ScriptModule
+    )
+    images = torch.stack([from_state.transform()(random_image(seed=i)) for i in range(2)])  # (2, 3, 224, 224)
+    images = F.interpolate(images, size=64)  # keep the ResNet-50 forward cheap
+    ours, official = from_state(images), from_script(images)
+    assert ours.shape == (2, 512) and from_state.dim == from_script.dim == 512
+    torch.testing.assert_close(ours, official)
+    torch.testing.assert_close(ours.norm(dim=1), torch.ones(2))
+    assert not from_script.train().training and all(not p.requires_grad for p in from_script.parameters())
+    assert (
+        from_state.name == "sscd_resnet50_sscd_r50_dcr"
+        and from_script.name == "sscd_sscd_r50.torchscript_dcr"
+    )
+
+
+def test_sscd_gem_pooling_and_architectures():
+    x = torch.rand(2, 5, 3, 4)
+    expected = (x.clamp(min=1e-6) ** 3).flatten(2).mean(2) ** (1 / 3)  # SSCD GlobalGeMPool2d, p=3
+    torch.testing.assert_close(GeMPool(3.0)(x), expected)
+    torch.testing.assert_close(GeMPool(1.0)(x), x.mean(dim=(2, 3)))
+    net = build_sscd("resnext101")  # sscd_disc_large: ResNeXt-101 32x4d trunk, 1024-d
+    assert net.fc.weight.shape == (1024, 2048) and isinstance(net.avgpool, GeMPool)
+    import timm
+
+    trunk = timm.create_model("resnext101_32x4d", pretrained=False, num_classes=0)
+    assert sum(p.numel() for n, p in net.named_parameters() if not n.startswith("fc.")) == sum(
+        p.numel() for p in trunk.parameters()
+    )
+    with pytest.raises(ValueError, match="arch='vit'"):
+        build_sscd("vit")
+
+
+def test_sscd_bad_checkpoints(sscd_files, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        SSCDExtractor(str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="fc.weight"):
+        SSCDExtractor(str(sscd_files["state_dict"]), dim=256)
+    state = torch.load(sscd_files["state_dict"], weights_only=True)
+    state["extra.weight"] = torch.zeros(1)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "extra.pt")
+    with pytest.raises(ValueError, match="unexpected keys \\['extra.weight'\\]"):
+        SSCDExtractor(str(tmp_path / "extra.pt"))
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="neither TorchScript nor a state dict"):
+        SSCDExtractor(str(tmp_path / "list.pt"))
+    with pytest.raises(ValueError, match="preprocess='imagenet'"):
+        SSCDExtractor(None, preprocess="imagenet")
+
+
+def test_sscd_preprocessing_options():
+    grey = Image.new("RGB", (300, 200), (128, 128, 128))
+    # transform() reads only self.preprocess: no need to build a ResNet-50 per option
+    dcr = SSCDExtractor.transform(SimpleNamespace(preprocess="dcr"))(grey)
+    assert dcr.shape == (3, 224, 224)
+    torch.testing.assert_close(dcr[:, 0, 0], torch.full((3,), (128 / 255 - 0.5) / 0.5))
+    native = SSCDExtractor.transform(SimpleNamespace(preprocess="native"))(grey)
+    assert native.shape == (3, 288, 432)  # shorter side 288, aspect kept, no crop
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(native[:, 0, 0], (128 / 255 - mean) / std)
+    assert SSCDExtractor.transform(SimpleNamespace(preprocess="native_320"))(grey).shape == (3, 320, 320)
+
+
+def test_timm_all_tokens_are_globally_normalised(extractors):
+    extractor = TimmExtractor("test_vit", pool="tokens", image_size=32, resize_size=36)
+    images = torch.stack([extractor.transform()(random_image(seed=i)) for i in range(2)])
+    tokens = extractor(images)
+    with torch.no_grad():
+        raw = extractor.net.forward_features(images)  # (2, 1 + patches, D)
+    assert tokens.shape == raw.shape and tokens.shape[2] == extractor.dim and tokens.dtype == torch.float32
+    assert tokens.shape[1] == extractor.net.num_prefix_tokens + extractor.net.patch_embed.num_patches
+    torch.testing.assert_close(tokens.flatten(1).norm(dim=1), torch.ones(2))  # one norm per image
+    assert not torch.allclose(tokens.norm(dim=2), torch.ones(2, tokens.shape[1]))  # not per token
+    torch.testing.assert_close(tokens, raw / raw.flatten(1).norm(dim=1)[:, None, None])
+    assert extractor.name.endswith("_tokens")
+    with pytest.raises(ValueError, match="needs a ViT"):
+        TimmExtractor("test_resnet", pool="tokens")
+
+
+def test_dcr_preprocessing_for_timm_and_clip(extractors):
+    grey = Image.new("RGB", (50, 40), (128, 128, 128))
+    expected = torch.full((3,), (128 / 255 - 0.5) / 0.5)
+    timm_dcr = TimmExtractor("test_vit", image_size=32, resize_size=36, preprocess="dcr")
+    assert timm_dcr.mean == timm_dcr.std == (0.5, 0.5, 0.5) and timm_dcr.name.endswith("_token_dcr")
+    torch.testing.assert_close(timm_dcr.transform()(grey)[:, 0, 0], expected)
+    native = extractors["dino_token"]  # native stays the default, and its name unchanged
+    assert native.preprocess == "native" and native.name == "timm_test_vit_random_token"
+    with pytest.raises(ValueError, match="mean=std=0.5"):
+        TimmExtractor("test_vit", image_size=32, preprocess="dcr", mean=(0.4, 0.4, 0.4))
+    with pytest.raises(ValueError, match="preprocess='clip'"):
+        TimmExtractor("test_vit", image_size=32, preprocess="clip")
+    clip_dcr = OpenCLIPExtractor("tiny-test-ViT", pretrained=None, preprocess="dcr")
+    tensor = clip_dcr.transform()(grey)
+    assert tensor.shape == (3, 32, 32) and clip_dcr.name.endswith("_dcr")
+    torch.testing.assert_close(tensor[:, 0, 0], expected)
+
+
+def test_sscd_config_instantiates_with_a_checkpoint(sscd_files):
+    cfg = OmegaConf.load(CONF_DIR / "sscd.yaml")
+    cfg.checkpoint = str(sscd_files["torchscript"])
+    extractor = hydra.utils.instantiate(cfg)
+    assert isinstance(extractor, SSCDExtractor) and extractor.dim == 512 and extractor.preprocess == "dcr"

@@ -4,6 +4,9 @@ Each extractor declares its own preprocessing (`transform()`: PIL RGB image -> (
 of preprocessed images to L2-normalised float32 descriptors (`forward`), so that similarity is a dot product
 (PAPERS.md §1.5, §3.6). Baseline preprocessing follows the official CSD `main_sim.py` (PAPERS.md §3.6): CLIP uses
 its own preprocessing, CSD its `branch0`, DINO / VGG Resize256 -> CenterCrop224 with ImageNet mean/std.
+Replication analysis follows the DCR `diff_retrieval.py` instead (PAPERS.md §1.5): Resize256 -> CenterCrop224 ->
+Normalize(0.5, 0.5) for every extractor. Extractors used by both take `preprocess="native" | "dcr"`; the default
+keeps each one's native preprocessing (what the retrieval configs expect) except SSCD, which defaults to "dcr".
 
 Inputs must be RGB PIL images: convert grayscale / RGBA / palette images in the dataset (`image.convert("RGB")`).
 The transforms raise on other modes instead of guessing how to drop alpha or expand gray.
@@ -12,6 +15,7 @@ mode even when a parent calls `.train()`.
 """
 
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,10 +26,13 @@ from torch import nn
 from torchvision import transforms as T
 
 from src.nn.backbones import build_backbone, create_open_clip
+from src.nn.sscd import SSCD_ARCHS, GeMPool, build_sscd, is_torchscript, read_sscd_state_dict  # noqa: F401
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-POOLS = ("token", "avg")
+DCR_MEAN = DCR_STD = (0.5, 0.5, 0.5)
+POOLS = ("token", "avg", "tokens")
+PREPROCESS = ("native", "dcr")
 
 
 def require_rgb(image: Image.Image) -> Image.Image:
@@ -59,6 +66,20 @@ def resize_crop_transform(
     )
 
 
+def dcr_transform(image_size: int = 224, resize_size: int | None = None) -> T.Compose:
+    """The DCR replication preprocessing (`diff_retrieval.py`, PAPERS.md §1.5): Resize(256) -> CenterCrop(224) ->
+    ToTensor -> Normalize(0.5, 0.5). For a network fed at another size, the resize keeps DCR's 256/224 ratio."""
+    if resize_size is None:
+        resize_size = round(image_size * 256 / 224)
+    return resize_crop_transform(image_size, resize_size, DCR_MEAN, DCR_STD)
+
+
+def _check_preprocess(owner: str, preprocess: str, choices: tuple[str, ...] = PREPROCESS) -> str:
+    if preprocess not in choices:
+        raise ValueError(f"{owner}: preprocess={preprocess!r}; expected one of {choices}.")
+    return preprocess
+
+
 def _name_of(pretrained) -> str:
     """A short file-name-safe label for a weights choice (tag, checkpoint path, true/None)."""
     if isinstance(pretrained, str):
@@ -84,7 +105,11 @@ class Extractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed images -> (B, dim) L2-normalised float32 descriptors."""
+        """(B, 3, H, W) preprocessed images -> (B, dim) L2-normalised float32 descriptors.
+
+        Token extractors (`embed` returning (B, T, dim)) give (B, T, dim) float32 tokens whose flattened T*dim
+        vector has unit norm: normalised globally as the DCR split-product does, not per token (PAPERS.md §1.5).
+        """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(
                 f"{self.name}: expected preprocessed images of shape (B, 3, H, W), got {tuple(images.shape)}."
@@ -93,7 +118,10 @@ class Extractor(nn.Module):
         if param is not None:  # follow the weights, e.g. after extractor.half().cuda()
             images = images.to(device=param.device, dtype=param.dtype)
         # Normalise in float32: fp16 sums of squares over thousands of dims overflow.
-        return F.normalize(self.embed(images).float(), dim=-1)
+        features = self.embed(images).float()
+        if features.ndim == 3:  # (B, T, D) tokens: one global norm per image
+            return F.normalize(features.flatten(1), dim=1).view_as(features)
+        return F.normalize(features, dim=-1)
 
     def train(self, mode: bool = True):
         # A frozen descriptor: BatchNorm/dropout must not switch to training behaviour when a parent
@@ -227,26 +255,42 @@ class GramExtractor(Extractor):
 class OpenCLIPExtractor(Extractor):
     """CLIP image embedding (`encode_image`, projection included) with CLIP's own preprocessing.
 
-    Preprocessing is open_clip's validation transform for the model (Resize shorter side bicubic -> CenterCrop
-    -> OpenAI mean/std for the OpenAI weights), as in the official CSD baselines (PAPERS.md §3.6). OpenAI tags
-    switch on QuickGELU (see `create_open_clip`).
+    preprocess="native" (default): open_clip's validation transform for the model (Resize shorter side bicubic ->
+    CenterCrop -> OpenAI mean/std for the OpenAI weights), as in the official CSD baselines (PAPERS.md §3.6).
+    preprocess="dcr": the DCR replication transform (PAPERS.md §1.5) at the model's input size s:
+    Resize(round(s * 256 / 224)) -> CenterCrop(s) -> Normalize(0.5, 0.5), i.e. Resize256/CenterCrop224 at 224 px.
+    OpenAI tags switch on QuickGELU (see `create_open_clip`).
     """
 
     def __init__(
-        self, model: str = "ViT-B-16", pretrained: str | None = "openai", image_size: int | None = None
+        self,
+        model: str = "ViT-B-16",
+        pretrained: str | None = "openai",
+        image_size: int | None = None,
+        preprocess: str = "native",
     ):
         super().__init__()
+        self.preprocess = _check_preprocess("OpenCLIPExtractor", preprocess)
         self.visual = create_open_clip(model, pretrained, image_size).visual  # the text tower is dropped
         self.preprocess_cfg = dict(self.visual.preprocess_cfg)
         dim = getattr(self.visual, "output_dim", None)
         self.dim = dim or _probe_dim(self.visual, self.preprocess_cfg["size"])
-        self.name = f"clip_{model}_{_name_of(pretrained)}"
+        # Only non-default preprocessing is named, so native names (and caches keyed by them) stay as they were.
+        suffix = "" if preprocess == "native" else f"_{preprocess}"
+        self.name = f"clip_{model}_{_name_of(pretrained)}{suffix}"
         self._freeze()
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
         import open_clip
 
         cfg = self.preprocess_cfg
+        if self.preprocess == "dcr":
+            size = cfg["size"]
+            if not isinstance(size, int):
+                if size[0] != size[1]:
+                    raise ValueError(f"{self.name}: preprocess='dcr' needs a square input size, got {size}.")
+                size = size[0]
+            return dcr_transform(size)
         clip_transform = open_clip.image_transform(
             cfg["size"],
             is_train=False,
@@ -263,11 +307,18 @@ class OpenCLIPExtractor(Extractor):
 
 
 class TimmExtractor(Extractor):
-    """A timm network's global descriptor: the class token ("token", DINO's descriptor) or the mean of the
-    patch tokens ("avg"; for CNNs timm's own global average pool). ViT tokens are taken after the final norm.
+    """A timm network's descriptor: the class token ("token", DINO's descriptor), the mean of the patch tokens
+    ("avg"; for CNNs timm's own global average pool), or all output tokens ("tokens", ViTs only). ViT tokens are
+    taken after the final norm.
 
-    Preprocessing: Resize(resize_size) -> CenterCrop(image_size) -> Normalize(mean, std); mean/std default to the
-    weights' own (ImageNet for DINO, the paper's choice, PAPERS.md §3.6).
+    pool="tokens" returns (B, T, D) features, T = prefix (class) tokens + patches, as the DCR code's DINO with
+    `global_pool=''` (197 x 768 for ViT-B/16 at 224 px), for `src.replication.search.split_product_similarity`
+    (PAPERS.md §1.5). They are L2-normalised over the flattened T*D vector, not per token; `dim` is D.
+
+    Preprocessing: Resize(resize_size) -> CenterCrop(image_size) -> Normalize(mean, std).
+    preprocess="native" (default): mean/std default to the weights' own (ImageNet for DINO, the paper's choice,
+    PAPERS.md §3.6). preprocess="dcr": Normalize(0.5, 0.5) as the DCR replication code (PAPERS.md §1.5); with the
+    default sizes this is DCR's Resize256 -> CenterCrop224. mean/std cannot be given with "dcr".
     """
 
     def __init__(
@@ -279,10 +330,17 @@ class TimmExtractor(Extractor):
         resize_size: int = 256,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
+        preprocess: str = "native",
     ):
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"TimmExtractor: pool={pool!r}; expected one of {POOLS}.")
+        self.preprocess = _check_preprocess("TimmExtractor", preprocess)
+        if preprocess == "dcr" and (mean is not None or std is not None):
+            raise ValueError(
+                f"TimmExtractor: preprocess='dcr' normalises with mean=std=0.5; got mean={mean}, std={std}. "
+                "Leave mean/std unset, or use preprocess='native' with your own mean/std."
+            )
         backbone = build_backbone(model, source="timm", pretrained=pretrained, image_size=image_size)
         self.net = backbone.model
         self.is_vit = hasattr(self.net, "num_prefix_tokens")
@@ -290,12 +348,21 @@ class TimmExtractor(Extractor):
             raise ValueError(
                 f"TimmExtractor: pool='token' needs a model with a class token; {model!r} has none."
             )
+        if pool == "tokens" and not self.is_vit:
+            raise ValueError(
+                f"TimmExtractor: pool='tokens' needs a ViT (token outputs); {model!r} is not one."
+            )
         self.pool = pool
         self.image_size, self.resize_size = image_size, resize_size
-        self.mean = tuple(mean) if mean is not None else backbone.mean
-        self.std = tuple(std) if std is not None else backbone.std
+        if preprocess == "dcr":
+            self.mean, self.std = DCR_MEAN, DCR_STD
+        else:
+            self.mean = tuple(mean) if mean is not None else backbone.mean
+            self.std = tuple(std) if std is not None else backbone.std
         self.dim = backbone.feature_dim
-        self.name = f"timm_{model}_{_name_of(pretrained)}_{pool}"
+        # Only non-default preprocessing is named, so native names (and caches keyed by them) stay as they were.
+        suffix = "" if preprocess == "native" else f"_{preprocess}"
+        self.name = f"timm_{model}_{_name_of(pretrained)}_{pool}{suffix}"
         self._freeze()
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
@@ -305,9 +372,99 @@ class TimmExtractor(Extractor):
         if not self.is_vit:
             return self.net(images)  # (B, C): timm's pooled pre-logits (num_classes=0)
         tokens = self.net.forward_features(images)  # (B, T, D) after the final norm
+        if self.pool == "tokens":
+            return tokens
         if self.pool == "token":
             return tokens[:, 0]
         return tokens[:, self.net.num_prefix_tokens :].mean(dim=1)
+
+
+# SSCD trunks (facebookresearch/sscd-copy-detection, sscd/models/model.py): (Bottleneck blocks per stage, groups,
+# width per group, default descriptor size). disc_mixup is ResNet-50 / 512-d, disc_large ResNeXt-101 32x4d / 1024-d.
+SSCD_PREPROCESS = ("dcr", "native", "native_320")
+
+
+class SSCDExtractor(Extractor):
+    """SSCD copy-detection descriptor (Pizzi et al. 2022; facebookresearch/sscd-copy-detection), the extractor of
+    the DCR replication studies (PAPERS.md §1.4, §1.8): ResNet-50 (`sscd_disc_mixup`, 512-d) or ResNeXt-101 32x4d
+    (`sscd_disc_large`, 1024-d) -> GeM pooling (p=3) -> linear -> L2 normalisation.
+
+    checkpoint: an official TorchScript file (`sscd_disc_mixup.torchscript.pt`; loaded with torch.jit.load, `arch`
+    and `dim` are then ignored: the file defines the network), a state dict of `build_sscd(arch, dim)` (the official
+    `*.torchvision.pt` layout), or None for random weights (tests only).
+    preprocess: "dcr" (default): Resize256 -> CenterCrop224 -> Normalize(0.5, 0.5), the DCR `diff_retrieval.py`
+    choice (PAPERS.md §1.5; DCR's `embedding_search` uses the same sizes with ImageNet mean/std instead).
+    "native": SSCD README `small_288`, Resize(288) on the shorter side, no crop, ImageNet mean/std; images of
+    different aspect ratios give different sizes, so batch them one at a time or by aspect ratio.
+    "native_320": SSCD README `skew_320`, Resize((320, 320)) ignoring the aspect ratio, ImageNet mean/std.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        arch: str = "resnet50",
+        dim: int | None = None,
+        preprocess: str = "dcr",
+    ):
+        super().__init__()
+        self.preprocess = _check_preprocess("SSCDExtractor", preprocess, SSCD_PREPROCESS)
+        if arch not in SSCD_ARCHS:
+            raise ValueError(f"SSCDExtractor: arch={arch!r}; expected one of {sorted(SSCD_ARCHS)}.")
+        if checkpoint is None:
+            self.net = build_sscd(arch, dim)
+        else:
+            path = Path(checkpoint).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"SSCDExtractor: checkpoint {path} does not exist; download e.g. sscd_disc_mixup.torchscript.pt "
+                    "from facebookresearch/sscd-copy-detection and pass its local path."
+                )
+            if is_torchscript(path):
+                with (
+                    warnings.catch_warnings()
+                ):  # torch.jit is deprecated, but the official releases are TorchScript
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self.net = torch.jit.load(str(path), map_location="cpu")
+            else:
+                self.net = build_sscd(arch, dim)
+                state = read_sscd_state_dict(path)
+                ours = self.net.state_dict()
+                resized = [k for k, v in state.items() if k in ours and v.shape != ours[k].shape]
+                if resized:
+                    raise ValueError(
+                        f"SSCDExtractor: {path} does not fit build_sscd(arch={arch!r}, dim={dim}): {resized[0]} "
+                        f"has shape {tuple(state[resized[0]].shape)}, expected {tuple(ours[resized[0]].shape)} "
+                        f"({len(resized)} tensors differ). Check arch and dim (fc.weight is (dim, 2048))."
+                    )
+                missing, unexpected = self.net.load_state_dict(state, strict=False)
+                if missing or unexpected:
+                    raise ValueError(
+                        f"SSCDExtractor: {path} does not fit build_sscd(arch={arch!r}, dim={dim}): missing keys "
+                        f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
+                        f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''} ({len(missing)} / {len(unexpected)}). "
+                        "Check arch and dim, or use the official TorchScript file."
+                    )
+        self.dim = _probe_dim(self.net, 64)
+        if dim is not None and dim != self.dim:
+            raise ValueError(f"SSCDExtractor: dim={dim} but {checkpoint} gives {self.dim}-d descriptors.")
+        if checkpoint is None:
+            self.name = f"sscd_{arch}_random_{preprocess}"
+        elif isinstance(self.net, torch.jit.ScriptModule):  # the file, not `arch`, defines the network
+            self.name = f"sscd_{Path(checkpoint).stem}_{preprocess}"
+        else:
+            self.name = f"sscd_{arch}_{Path(checkpoint).stem}_{preprocess}"
+        self._freeze()
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        if self.preprocess == "dcr":
+            return dcr_transform(224, 256)
+        size = 288 if self.preprocess == "native" else (320, 320)
+        return T.Compose(
+            [require_rgb, T.Resize(size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        )
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
 
 
 class CSDExtractor(Extractor):
