@@ -191,6 +191,13 @@ class StyleDataModule(L.LightningDataModule):
         return dataset
 
     def _load_benchmark(self) -> RetrievalSet:
+        try:
+            return self._read_benchmark()
+        except FileNotFoundError as error:  # say which config keys point there
+            raise FileNotFoundError(f"{error} (set by data.val_root / data.val_csv / data.val_split_file with "
+                                    f"data.val_format={self.hparams.val_format})") from error
+
+    def _read_benchmark(self) -> RetrievalSet:
         hp = self.hparams
         if hp.val_format == "style_bench":
             folder = self._bench_folder()
