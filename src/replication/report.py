@@ -1,0 +1,125 @@
+"""The replication report folder: `report.json`, `matches.csv`, `histogram.png`, `gallery.png` (PAPERS.md §1.9).
+
+The histogram and the gallery are the two figures of the DCR studies (somepago/DCR `diff_retrieval.py`): the
+distribution of each generation's top-1 similarity to the training set against the training set's own
+nearest-other-image similarities, and the most-replicated generations beside their best matches.
+"""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from src.callbacks.retrieval import draw_retrieval_gallery  # noqa: E402
+
+BIN_WIDTH = 0.005
+
+
+def draw_histogram(top1, background, threshold: float):
+    """Histograms of top-1 sim(gen, train) and sim(train, train) on [0, 1], bin width 0.005, and the threshold.
+
+    Similarities below 0 (possible for pixel correlations) are counted in the first bin, and the legend says
+    how many, so no value is dropped from the figure.
+    """
+    bins = np.linspace(0.0, 1.0, round(1 / BIN_WIDTH) + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for values, label, colour in ((background, "sim(train, train)", "tab:gray"),
+                                  (top1, "top-1 sim(gen, train)", "tab:red")):
+        values = torch.as_tensor(values).double().cpu().numpy()
+        below = int((values < 0).sum())
+        label = f"{label}, n={len(values)}" + (f" ({below} < 0 in the first bin)" if below else "")
+        ax.hist(np.clip(values, 0.0, 1.0), bins=bins, alpha=0.6, color=colour, label=label, density=True)
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold}")
+    ax.set_xlim(0, 1), ax.set_xlabel("similarity"), ax.set_ylabel("density"), ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def write_matches(path, generated_paths, train_paths, scores, indices, prompts=None) -> list[dict]:
+    """matches.csv: one row per generation, sorted by top-1 similarity (most replicated first), with its k training
+    matches `match_i` (path relative to the training folder) and `sim_i`. Returns the rows."""
+    scores, indices = scores.double().cpu(), indices.cpu()
+    order = torch.argsort(scores[:, 0], descending=True, stable=True).tolist()
+    k = scores.shape[1]
+    rows = []
+    for g in order:
+        row = {"generated": generated_paths[g]}
+        if prompts is not None:
+            row["prompt"] = prompts[g]
+        for i in range(k):
+            row[f"match_{i + 1}"] = train_paths[indices[g, i]]
+            row[f"sim_{i + 1}"] = round(float(scores[g, i]), 6)
+        rows.append(row)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def write_report(output_dir, stats: dict, generated, train, scores, indices, background, threshold: float,
+                 gallery_size: int = 8, prompts=None, extra: dict | None = None) -> dict[str, Path]:
+    """Write the four report files into `output_dir` and return their paths.
+
+    generated, train: `FolderFeatures` of the two folders. scores, indices: (G, k) top-k similarities and training
+    row indices of each generation, best first. background: (N,) each training image's nearest-other similarity.
+    report.json holds `stats`, the counts, the skipped files of both folders and `extra` (e.g. the cache state).
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = {name: output_dir / name for name in ("report.json", "matches.csv", "histogram.png", "gallery.png")}
+    report = {
+        "stats": {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in stats.items()},
+        "threshold": threshold,
+        "counts": {"generated": len(generated.paths), "train": len(train.paths),
+                   "generated_skipped": len(generated.skipped), "train_skipped": len(train.skipped),
+                   "above_threshold": int((scores[:, 0] > threshold).sum())},
+        "folders": {"generated": generated.folder, "train": train.folder},
+        "skipped": {"generated": generated.skipped, "train": train.skipped},
+        **(extra or {}),
+    }
+    files["report.json"].write_text(json.dumps(report, indent=2))
+    rows = write_matches(files["matches.csv"], generated.paths, train.paths, scores, indices, prompts)
+
+    fig = draw_histogram(scores[:, 0], background, threshold)
+    fig.savefig(files["histogram.png"], dpi=120)
+    plt.close(fig)
+
+    shown = rows[:gallery_size]
+    cols = min(scores.shape[1], 5)
+    fig = draw_retrieval_gallery(
+        Path(),  # absolute paths below
+        [str(Path(generated.folder).resolve() / r["generated"]) for r in shown],
+        [[str(Path(train.folder).resolve() / r[f"match_{i + 1}"]) for i in range(cols)] for r in shown],
+        [[r[f"sim_{i + 1}"] > threshold for i in range(cols)] for r in shown],  # green: above the threshold
+        titles=[f"{r['generated'][:24]} {r['sim_1']:.3f}" for r in shown],
+    )
+    fig.savefig(files["gallery.png"], dpi=100)
+    plt.close(fig)
+    return files
+
+
+def log_report_to_wandb(files: dict[str, Path], stats: dict) -> bool:
+    """Log the stats, the two figures and matches.csv as a table to the active W&B run; False when none is active."""
+    try:
+        import wandb
+    except ImportError:
+        return False
+    if wandb.run is None:
+        return False
+    with open(files["matches.csv"]) as f:
+        rows = list(csv.reader(f))
+    wandb.log({
+        **{f"replication/{k}": v for k, v in stats.items()},
+        "replication/histogram": wandb.Image(str(files["histogram.png"])),
+        "replication/gallery": wandb.Image(str(files["gallery.png"])),
+        "replication/matches": wandb.Table(columns=rows[0], data=rows[1:]),
+    })
+    return True
