@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from src.data.images import UnreadableImage, list_images, load_rgb
+from src.data.multilabel import collate_skip_none
+from src.data.retrieval import RetrievalImageDataset
 
 log = logging.getLogger(__name__)
 
@@ -42,32 +44,10 @@ class FolderFeatures:
     cache: str = "off"
 
 
-class _ImageFiles(Dataset):
-    """(index, preprocessed image or None, reason) per file; unreadable files give None and the reason."""
-
-    def __init__(self, paths: list[Path], transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, self.transform(load_rgb(self.paths[i])), ""
-        except UnreadableImage as error:
-            return i, None, error.reason
-
-
-def _collate(items):
-    kept = [(i, x) for i, x, _ in items if x is not None]
-    failed = [(i, reason) for i, x, reason in items if x is None]
-    images = torch.stack([x for _, x in kept]) if kept else None
-    return [i for i, _ in kept], images, failed
-
-
 @torch.no_grad()
-def extract_folder(extractor, folder, batch_size: int = 32, num_workers: int = 0, device="cpu",
-                   desc: str | None = None) -> FolderFeatures:
+def extract_folder(
+    extractor, folder, batch_size: int = 32, num_workers: int = 0, device="cpu", desc: str | None = None
+) -> FolderFeatures:
     """Extract features of every image under `folder` (recursive, `list_images`) with a progress bar.
 
     Each image goes through `extractor.transform()` then `extractor(...)`. Unreadable files (corrupt, truncated,
@@ -76,36 +56,61 @@ def extract_folder(extractor, folder, batch_size: int = 32, num_workers: int = 0
     """
     folder = Path(folder)
     files = list_images(folder)
-    loader = DataLoader(_ImageFiles(files, extractor.transform()), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate)
-    rows, chunks, skipped = [], [], []
-    for indices, images, failed in tqdm(loader, desc=desc or f"features {folder.name}", unit="batch"):
-        for i, reason in failed:
-            skipped.append({"path": files[i].relative_to(folder).as_posix(), "reason": reason})
-            log.warning(f"Skipping unreadable image {files[i]}: {reason}")
-        if images is not None:
-            features = extractor(images.to(device)).float().cpu()
+    relative = [f.relative_to(folder).as_posix() for f in files]
+    loader = DataLoader(
+        RetrievalImageDataset(folder, relative, extractor.transform()),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_skip_none,
+    )
+    rows, chunks = [], []
+    for batch in tqdm(loader, desc=desc or f"features {folder.name}", unit="batch"):
+        if "image" in batch:
+            features = extractor(batch["image"].to(device)).float().cpu()
             if features.ndim != 2:
-                raise ValueError(f"{extractor.name} gives features of shape {tuple(features.shape)}; the replication "
-                                 "report needs global (B, D) descriptors (token features are not supported here)")
+                raise ValueError(
+                    f"{extractor.name} gives features of shape {tuple(features.shape)}; the replication "
+                    "report needs global (B, D) descriptors (token features are not supported here)"
+                )
             chunks.append(features)
-            rows.extend(indices)
+            rows.extend(batch["index"].tolist())
+    skipped = [
+        {"path": relative[i], "reason": _unreadable_reason(files[i])}
+        for i in sorted(set(range(len(files))) - set(rows))
+    ]
     if not chunks:
-        raise RuntimeError(f"none of the {len(files)} image files under '{folder}' is readable: {skipped[:3]}")
+        raise RuntimeError(
+            f"none of the {len(files)} image files under '{folder}' is readable: {skipped[:3]}"
+        )
     paths = [files[i].relative_to(folder).as_posix() for i in rows]
     return FolderFeatures(str(folder), paths, torch.cat(chunks), skipped)
+
+
+def _unreadable_reason(path: Path) -> str:
+    """Why `load_rgb` rejects a file (read again for the few skipped files only, to list the reason in the report)."""
+    try:
+        load_rgb(path)
+    except UnreadableImage as error:
+        return error.reason
+    return "unreadable while extracting"
 
 
 def cache_key(folder, extractor_name: str, extractor_config: dict | None = None) -> str:
     """sha256 of (sorted relative paths, sizes, mtimes in ns) of the folder's images + extractor name + config."""
     folder = Path(folder)
-    content = [(p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in list_images(folder)]
-    blob = json.dumps([CACHE_VERSION, extractor_name, extractor_config or {}, content], sort_keys=True, default=str)
+    content = [
+        (p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in list_images(folder)
+    ]
+    blob = json.dumps(
+        [CACHE_VERSION, extractor_name, extractor_config or {}, content], sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def cached_folder_features(extractor, folder, cache_dir, extractor_config: dict | None = None,
-                           **extract_kwargs) -> FolderFeatures:
+def cached_folder_features(
+    extractor, folder, cache_dir, extractor_config: dict | None = None, **extract_kwargs
+) -> FolderFeatures:
     """`extract_folder`, read from / written to `cache_dir/<extractor name>_<key>.pt` (see `cache_key`).
 
     `cache_dir=None` switches the cache off. `.cache` of the result says "hit" or "miss".
@@ -117,13 +122,21 @@ def cached_folder_features(extractor, folder, cache_dir, extractor_config: dict 
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("key") == key:
-            log.info(f"Feature cache hit: {path} ({len(saved['paths'])} images of '{folder}', nothing extracted)")
-            return FolderFeatures(str(folder), saved["paths"], saved["features"], saved["skipped"], cache="hit")
+            log.info(
+                f"Feature cache hit: {path} ({len(saved['paths'])} images of '{folder}', nothing extracted)"
+            )
+            return FolderFeatures(
+                str(folder), saved["paths"], saved["features"], saved["skipped"], cache="hit"
+            )
         log.warning(f"Feature cache {path} holds another key (hash prefix collision); re-extracting")
     result = extract_folder(extractor, folder, **extract_kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")  # write then rename, so an interrupted run never leaves a half-written cache
-    torch.save({"key": key, "paths": result.paths, "features": result.features, "skipped": result.skipped}, tmp)
+    tmp = path.with_suffix(
+        ".tmp"
+    )  # write then rename, so an interrupted run never leaves a half-written cache
+    torch.save(
+        {"key": key, "paths": result.paths, "features": result.features, "skipped": result.skipped}, tmp
+    )
     tmp.replace(path)
     log.info(f"Feature cache written: {path}")
     result.cache = "miss"
