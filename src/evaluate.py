@@ -18,20 +18,12 @@ from tqdm import tqdm
 
 import src.utils  # noqa: F401  (registers the config resolvers)
 from src.data.multilabel import collate_skip_none
-from src.data.retrieval import RetrievalImageDataset, RetrievalSet, load_retrieval_csv
+from src.data.retrieval import RetrievalImageDataset, RetrievalSet
 from src.metrics import retrieval_metrics
 from src.utils.embeddings import load_embeddings, save_embeddings
-from src.utils.run import print_config_tree, save_metrics
+from src.utils.run import print_config_tree, resolve_device, save_metrics
 
 log = logging.getLogger(__name__)
-
-
-def load_style_bench(root: str, seed: int = 0, image_size: int = 96, images_per_style: int = 250) -> RetrievalSet:
-    """The embedded style benchmark's query/database split (built on first use)."""
-    from src.data.style_bench import build_style_bench
-
-    folder = build_style_bench(root, seed=seed, image_size=image_size, images_per_style=images_per_style)
-    return load_retrieval_csv(folder / "retrieval.csv", root=folder)
 
 
 @torch.no_grad()
@@ -85,8 +77,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         query_labels, database_labels = saved["query_labels"], saved["database_labels"]
         log.info(f"Re-scoring {cfg.embeddings}: {len(query)} queries, {len(database)} database images")
     else:
-        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if cfg.device == "auto" else cfg.device))
+        device = resolve_device(cfg.device)
         rset: RetrievalSet = hydra.utils.instantiate(cfg.benchmark)
         extractor = hydra.utils.instantiate(cfg.extractor).to(device).eval()
         args = (cfg.batch_size, cfg.num_workers, device)

@@ -19,7 +19,7 @@ from src.metrics.replication import stats_from_similarities, train_background
 from src.replication.features import cached_folder_features, extract_folder
 from src.replication.report import log_report_to_wandb, write_report
 from src.replication.search import search_topk
-from src.utils.run import print_config_tree, save_metrics
+from src.utils.run import print_config_tree, resolve_device, save_metrics
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ def load_prompts(path, generated_paths: list[str]) -> list[str]:
 def match_generations(generated: torch.Tensor, train: torch.Tensor, k: int, device, chunk: int = 4096):
     """Exact top-k of each generation in the training set, chunk by chunk under a progress bar. (G, k') each."""
     scores, indices = [], []
+    train = train.to(device)  # once, not per chunk
     for start in tqdm(range(0, len(generated), chunk), desc="search", unit="chunk"):
         s, i = search_topk(generated[start:start + chunk], train, k=k, device=device)
         scores.append(s.cpu()), indices.append(i.cpu())
@@ -55,20 +56,19 @@ def match_generations(generated: torch.Tensor, train: torch.Tensor, k: int, devi
 def replicate(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     print_config_tree(cfg, save_to=output_dir / "config_resolved.yaml")
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     extractor = hydra.utils.instantiate(cfg.extractor).to(device).eval()
     args = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "device": device}
     train = cached_folder_features(extractor, cfg.train, cfg.cache_dir, OmegaConf.to_container(cfg.extractor,
                                    resolve=True), desc="train features", **args)
     generated = extract_folder(extractor, cfg.generated, desc="generated features", **args)
+    prompts = load_prompts(cfg.prompts, generated.paths) if cfg.get("prompts") else None
     if generated.features.shape[1] != train.features.shape[1]:
         raise ValueError(f"generated features {tuple(generated.features.shape)} and train features "
                          f"{tuple(train.features.shape)} differ in dimension: the cache and the extractor disagree")
     scores, indices = match_generations(generated.features, train.features, cfg.k, device)
     background, _ = train_background(train.features)
     stats = stats_from_similarities(scores[:, 0], background, cfg.threshold)
-    prompts = load_prompts(cfg.prompts, generated.paths) if cfg.get("prompts") else None
     files = write_report(output_dir, stats, generated, train, scores, indices, background, cfg.threshold,
                          cfg.gallery_size, prompts, extra={"extractor": extractor.name, "train_cache": train.cache})
     save_metrics(stats, output_dir / "metrics.json")

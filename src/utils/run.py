@@ -100,3 +100,10 @@ def find_resume_checkpoint(ckpt_path: str | None) -> str | None:
             "checkpoints/last.ckpt (e.g. ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt)."
         )
     return str(path)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the GPU when there is one, else the CPU; any other value is a torch device string."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
