@@ -51,6 +51,35 @@ def tiny_overrides(data_dir: Path, bench: bool = True, devices: int = 1) -> list
     return overrides
 
 
+def tiny_diffusion_overrides(data_dir: Path, subset_size: int = 8) -> list[str]:
+    """Overrides that make any DDPM config run a few CPU steps on the embedded faces, with a tiny replication
+    analysis (pixels extractor, a handful of 2-step DDIM samples)."""
+    return [
+        f"paths.data_dir={data_dir}",
+        "data.root=embedded_faces",
+        f"data.subset_size={subset_size}",
+        "data.control_size=8",
+        "data.image_size=32",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "model/unet=tiny",
+        "model.sample_steps=2",
+        "model.scheduler.warmup_steps=1",
+        "extractor=pixels",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.precision=32-true",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "+trainer.enable_model_summary=false",
+        "logger=csv",
+        "callbacks.sample_grid.num_images=4",
+        "callbacks.replication.num_images=6",
+        "callbacks.replication.batch_size=6",
+    ]
+
+
 def compose_config(config_name: str, overrides: list[str], output_dir: Path):
     """Compose a config as `python -m src.<entry>` would, with the run directory set to `output_dir`."""
     GlobalHydra.instance().clear()

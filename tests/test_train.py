@@ -11,9 +11,11 @@ import torch
 from omegaconf import open_dict
 
 from src.train import train
-from tests.conftest import CONF, ROOT, compose_config, tiny_overrides
+from tests.conftest import CONF, ROOT, compose_config, tiny_diffusion_overrides, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
+CSD_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("csd_")]
+DIFFUSION_EXPERIMENTS = [e for e in EXPERIMENTS if e not in CSD_EXPERIMENTS]
 
 
 def run_module(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -59,24 +61,26 @@ def test_unknown_experiment_lists_the_valid_ones():
 
 
 @pytest.mark.parametrize(
-    "search",
+    ("experiment", "search"),
     [
-        "hparams_search=csd_optuna",
-        "hydra/launcher=slurm",
-        "+sweep=csd_lambda",
-        "+sweep=csd_temperature",
-        "+sweep=csd_init",
+        ("csd_quickstart", "hparams_search=csd_optuna"),
+        ("csd_quickstart", "hydra/launcher=slurm"),
+        ("csd_quickstart", "+sweep=csd_lambda"),
+        ("csd_quickstart", "+sweep=csd_temperature"),
+        ("csd_quickstart", "+sweep=csd_init"),
+        ("ddpm_quickstart", "+sweep=ddpm_quickstart_subsets"),
+        ("ddpm_celebahq", "+sweep=ddpm_celebahq_subsets"),
     ],
 )
-def test_sweep_and_launcher_configs_compose(search):
-    result = run_module(["-m", "src.train", "experiment=csd_quickstart", search, "--cfg", "hydra"])
+def test_sweep_and_launcher_configs_compose(experiment, search):
+    result = run_module(["-m", "src.train", f"experiment={experiment}", search, "--cfg", "hydra"])
     assert result.returncode == 0, result.stderr
     assert "sweeper" in result.stdout
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_runs_a_few_cpu_steps(experiment, data_dir, tiny_cluster_data, tmp_path):
+@pytest.mark.parametrize("experiment", CSD_EXPERIMENTS)
+def test_every_csd_experiment_runs_a_few_cpu_steps(experiment, data_dir, tiny_cluster_data, tmp_path):
     cluster = experiment.startswith("csd_vit")  # tiny random ViTs on tiny shards + the WikiArt layout
     overrides = [f"experiment={experiment}", *tiny_overrides(data_dir, bench=not cluster)]
     if cluster:
@@ -97,6 +101,39 @@ def test_every_experiment_runs_a_few_cpu_steps(experiment, data_dir, tiny_cluste
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert list((tmp_path / "galleries").glob("test_*.png")), "no retrieval gallery was drawn"
     assert (tmp_path / "embeddings" / "test.npz").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", DIFFUSION_EXPERIMENTS)
+def test_every_diffusion_experiment_trains_samples_and_analyses_replication(experiment, data_dir, tmp_path):
+    cfg = compose_config("train.yaml", [f"experiment={experiment}", *tiny_diffusion_overrides(data_dir)], tmp_path)
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    for target in ("train", "control"):
+        assert 0.0 <= metrics[f"replication/{target}/sim_gt_thr"] <= 1.0
+        assert (tmp_path / "replication" / target / "report.json").is_file()
+    assert len(list((tmp_path / "samples" / "final").glob("*.png"))) == 6
+    assert (tmp_path / "replication" / "train_vs_control.png").is_file()
+    assert list((tmp_path / "samples").glob("grid_step*.png")), "no sample grid was drawn"
+    index = json.loads((tmp_path / "subset_index.json").read_text())
+    assert len(index["train"]) == 8 and len(index["control"]) == 8
+    assert json.loads((tmp_path / "metrics.json").read_text())["replication/train/sim_95pc"] == pytest.approx(
+        metrics["replication/train/sim_95pc"]
+    )
+
+
+@pytest.mark.slow
+def test_diffusion_resume_keeps_the_subset_and_refuses_another(data_dir, tmp_path):
+    overrides = ["experiment=ddpm_quickstart", *tiny_diffusion_overrides(data_dir), "callbacks.replication=null"]
+    train(compose_config("train.yaml", overrides, tmp_path / "a"))
+    first_index = json.loads((tmp_path / "a" / "subset_index.json").read_text())
+    resumed = [*overrides, "trainer.max_steps=4", f"ckpt_path={tmp_path / 'a'}"]
+    train(compose_config("train.yaml", resumed, tmp_path / "b"))
+    assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert json.loads((tmp_path / "b" / "subset_index.json").read_text())["train"] == first_index["train"]
+    other = [*resumed, "data.subset_size=9"]
+    with pytest.raises(ValueError, match="subset_size=8.*subset_size=9"):
+        train(compose_config("train.yaml", other, tmp_path / "c"))
 
 
 @pytest.mark.slow

@@ -1,0 +1,169 @@
+"""Callbacks for diffusion modules: sample grids during training, and the replication analysis when it ends.
+
+Both work with any module that has `generate(seeds, sampler=None, steps=None, use_ema=True) -> uint8 (B, H, W, C)`
+and `hparams.sampler` / `hparams.sample_steps` (the unconditional DDPM, the text-conditional model).
+"""
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import matplotlib
+import torch
+from lightning.pytorch.callbacks import Callback
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from src.replication.report import BIN_WIDTH  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def image_grid(images: torch.Tensor, columns: int = 8) -> Image.Image:
+    """uint8 (B, H, W, C) -> one PIL image, `columns` per row, 2 px white gutters."""
+    b, h, w, c = images.shape
+    rows = -(-b // columns)
+    grid = np.full((rows * (h + 2), min(b, columns) * (w + 2), c), 255, dtype=np.uint8)
+    for i, image in enumerate(images.numpy()):
+        r, col = divmod(i, columns)
+        grid[r * (h + 2) : r * (h + 2) + h, col * (w + 2) : col * (w + 2) + w] = image
+    return Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
+
+
+def log_image_file(trainer: L.Trainer, key: str, path: Path) -> None:
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):  # W&B
+            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+
+
+class SampleGrid(Callback):
+    """Every `every_n_steps` optimizer steps (and at the end of training), sample `num_images` from fixed seeds and
+    save `<run>/samples/grid_step<N>.png` (logged to W&B when used). Fixed seeds make grids comparable over time."""
+
+    def __init__(self, every_n_steps: int = 1000, num_images: int = 16, seed: int = 0, sampler: str | None = None,
+                 steps: int | None = None, columns: int = 8):  # fmt: skip
+        self.every_n_steps = every_n_steps
+        self.num_images, self.seed, self.sampler, self.steps, self.columns = (
+            num_images,
+            seed,
+            sampler,
+            steps,
+            columns,
+        )
+        self._last = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last and step > 0:
+            self.draw(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last:
+            self.draw(trainer, pl_module)
+
+    def draw(self, trainer, pl_module) -> None:
+        self._last = trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        seeds = list(range(self.seed, self.seed + self.num_images))
+        images = pl_module.generate(seeds, sampler=self.sampler, steps=self.steps)
+        path = Path(trainer.default_root_dir) / "samples" / f"grid_step{trainer.global_step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(images, self.columns).save(path)
+        log_image_file(trainer, "samples/grid", path)
+
+
+def read_top1(report_dir: Path) -> list[float]:
+    with open(report_dir / "matches.csv") as f:
+        return [float(row["sim_1"]) for row in csv.DictReader(f)]
+
+
+def draw_train_vs_control(train_top1, control_top1, threshold: float, title: str = ""):
+    """Histograms of each generation's top-1 similarity to the training subset and to the held-out control set."""
+    bins = np.linspace(0.0, 1.0, round(1 / BIN_WIDTH) + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for values, label, colour in ((control_top1, "vs held-out control", "tab:blue"),
+                                  (train_top1, "vs training subset", "tab:red")):  # fmt: skip
+        if values is not None:
+            ax.hist(np.clip(values, 0, 1), bins=bins, alpha=0.6, color=colour, density=True,
+                    label=f"top-1 sim {label} (n={len(values)})")  # fmt: skip
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold}")
+    ax.set_xlim(0, 1), ax.set_xlabel("similarity"), ax.set_ylabel("density"), ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+class ReplicationAnalysis(Callback):
+    """When training ends: generate `num_images`, then run the replication analysis (src/replication/analysis.py)
+    against the module's training images and against held-out control images it never saw (PAPERS.md §1.6).
+
+    The datamodule must expose `root` (folder), `train_files` and `control_files` (paths relative to root), as
+    `ImageFolderDataModule` does. Reports go to `<run>/replication/{train,control}/`, the generations to
+    `<run>/samples/final/`, and a histogram of both to `<run>/replication/train_vs_control.png`. The statistics are
+    logged as `replication/train/<stat>` and `replication/control/<stat>` and land in the run's metrics.json.
+    """
+
+    def __init__(self, extractor, num_images: int = 1000, seed: int = 1_000_000, sampler: str | None = None,
+                 steps: int | None = None, batch_size: int = 64, threshold: float = 0.5, k: int = 5,
+                 gallery_size: int = 8, control: bool = True, feature_batch_size: int = 64,
+                 cache_dir: str | None = None):  # fmt: skip
+        self.extractor = extractor
+        self.num_images, self.seed, self.sampler, self.steps = num_images, seed, sampler, steps
+        self.batch_size, self.threshold, self.k, self.gallery_size = batch_size, threshold, k, gallery_size
+        self.control, self.feature_batch_size, self.cache_dir = control, feature_batch_size, cache_dir
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if (
+            trainer.is_global_zero
+            and not trainer.sanity_checking
+            and not getattr(trainer, "fast_dev_run", False)
+        ):
+            metrics = self.analyse(trainer, pl_module)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items() if v is not None})
+        trainer.strategy.barrier()
+
+    def analyse(self, trainer, pl_module) -> dict[str, float]:
+        from src.replication.analysis import analyse_replication
+        from src.sample import generate_to_folder
+
+        run_dir = Path(trainer.default_root_dir)
+        datamodule = trainer.datamodule
+        generated = generate_to_folder(pl_module, run_dir / "samples" / "final", self.num_images, seed=self.seed,
+                                       sampler=self.sampler, steps=self.steps, batch_size=self.batch_size,
+                                       checkpoint=f"end of training, step {trainer.global_step}")  # fmt: skip
+        extractor = self.extractor.to(pl_module.device).eval()
+        sets = {"train": datamodule.train_files}
+        if self.control and datamodule.control_files:
+            sets["control"] = datamodule.control_files
+        elif self.control:
+            log.warning("no control images (data.control_size=0): only the training subset is analysed")
+        metrics, top1 = {}, {}
+        for name, files in sets.items():
+            out = run_dir / "replication" / name
+            stats = analyse_replication(extractor, generated, datamodule.root, out, train_files=files, k=self.k,
+                                        threshold=self.threshold, gallery_size=self.gallery_size,
+                                        batch_size=self.feature_batch_size, device=pl_module.device,
+                                        cache_dir=self.cache_dir)  # fmt: skip
+            metrics.update({f"replication/{name}/{k}": float(v) for k, v in stats.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})  # fmt: skip
+            top1[name] = read_top1(out)
+            log.info("replication vs %s (%d images): sim_95pc=%.4f sim_gt_thr=%.4f", name, len(files),
+                     stats["sim_95pc"], stats["sim_gt_thr"])  # fmt: skip
+        fig = draw_train_vs_control(top1["train"], top1.get("control"), self.threshold,
+                                    title=f"{len(sets['train'])} training images, step {trainer.global_step}")  # fmt: skip
+        path = run_dir / "replication" / "train_vs_control.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        (run_dir / "replication" / "summary.json").write_text(json.dumps(
+            {"num_train": len(sets["train"]), "num_control": len(sets.get("control", [])),
+             "num_generated": self.num_images, "step": trainer.global_step, "metrics": metrics}, indent=2))  # fmt: skip
+        log_image_file(trainer, "replication/train_vs_control", path)
+        return metrics

@@ -1,0 +1,53 @@
+"""`python -m src.sample`: generations into a folder with a manifest, resumable, refusing mixed settings."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from src.sample import generate_to_folder, sample
+from tests.conftest import compose_config
+from tests.test_diffusion import tiny_module
+
+
+def test_resume_generates_only_the_missing_images_and_they_match(tmp_path):
+    module = tiny_module()
+    folder = generate_to_folder(module, tmp_path / "a", 5, seed=10, steps=2, batch_size=2, progress=False)
+    (folder / "000003.png").unlink()  # as if the run had stopped before image 3
+    before = (folder / "000001.png").stat().st_mtime_ns
+    generate_to_folder(module, folder, 6, seed=10, steps=2, batch_size=2, progress=False)
+    assert sorted(p.name for p in folder.glob("*.png")) == [f"{i:06d}.png" for i in range(6)]
+    assert (folder / "000001.png").stat().st_mtime_ns == before  # kept, not regenerated
+    fresh = generate_to_folder(module, tmp_path / "b", 6, seed=10, steps=2, batch_size=4, progress=False)
+    for i in range(6):
+        assert Image.open(folder / f"{i:06d}.png").tobytes() == Image.open(fresh / f"{i:06d}.png").tobytes()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert (
+        manifest | {"num_images": 6} == manifest and manifest["seed"] == 10 and manifest["sampler"] == "ddim"
+    )
+
+
+def test_a_folder_of_other_settings_is_refused(tmp_path):
+    module = tiny_module()
+    generate_to_folder(module, tmp_path, 2, seed=0, steps=2, progress=False)
+    with pytest.raises(ValueError, match="other settings.*'steps': \\(2, 3\\)"):
+        generate_to_folder(module, tmp_path, 2, seed=0, steps=3, progress=False)
+
+
+def test_sample_entry_point_loads_a_checkpoint(tmp_path):
+    import lightning as L
+
+    module = tiny_module()
+    trainer = L.Trainer(max_steps=0, logger=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.strategy.connect(module)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    trainer.save_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    cfg = compose_config("sample.yaml", [f"ckpt_path={tmp_path / 'run'}", "num_images=3", "steps=2",
+                                         "sampler=ddpm", "device=cpu"], tmp_path / "out")  # fmt: skip
+    folder = sample(cfg)
+    assert folder == tmp_path / "run" / "samples" / "last_ddpm2_seed0"
+    assert len(list(folder.glob("*.png"))) == 3
+    expected = module.generate([1], sampler="ddpm", steps=2)[0]
+    assert torch.equal(expected, torch.from_numpy(np.asarray(Image.open(folder / "000001.png"))))
