@@ -1,56 +1,28 @@
 """Replication report of generations against a training set: `python -m src.replicate generated=DIR train=DIR`.
 
 The DCR measurement (somepago/DCR `diff_retrieval.py`, PAPERS.md §1.5, §1.9, §2.8) with any extractor of
-conf/extractor/: features of both folders (the training set's cached on disk), exact top-k search of each generation
-in the training set, the `sim_*` / `bg_*` statistics, and the report folder written by `src.replication.report`.
+conf/extractor/, done by `src.replication.analysis.analyse_replication`: this entry instantiates the extractor, reads
+the optional file lists, calls it with the config's options, and saves metrics.json and the W&B log.
 """
 
-import json
 import logging
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 import src.utils  # noqa: F401  (registers the config resolvers)
-from src.metrics.replication import stats_from_similarities, train_background
-from src.replication.features import cached_folder_features, extract_folder
-from src.replication.report import log_report_to_wandb, write_report
-from src.replication.search import search_topk
+from src.replication.analysis import analyse_replication, read_file_list
+from src.replication.report import log_report_to_wandb
 from src.utils.run import print_config_tree, resolve_device, save_metrics
 
 log = logging.getLogger(__name__)
 
 
-def load_prompts(path, generated_paths: list[str]) -> list[str]:
-    """Prompts of the generations: a .json {path relative to the generated folder: prompt} (every generation needs
-    one), or a .txt with one prompt per line for the readable generations in sorted order."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file '{path}' does not exist (expected a .json or .txt file)")
-    if path.suffix == ".json":
-        mapping = json.loads(path.read_text())
-        missing = [p for p in generated_paths if p not in mapping]
-        if missing:
-            raise ValueError(f"prompts file '{path}' has no prompt for {len(missing)} generation(s), e.g. {missing[:3]}")
-        return [mapping[p] for p in generated_paths]
-    lines = path.read_text().splitlines()
-    if len(lines) != len(generated_paths):
-        raise ValueError(f"prompts file '{path}' has {len(lines)} lines for {len(generated_paths)} readable "
-                         "generations; give one line per generation or a .json {relative path: prompt}")
-    return lines
-
-
-def match_generations(generated: torch.Tensor, train: torch.Tensor, k: int, device, chunk: int = 4096):
-    """Exact top-k of each generation in the training set, chunk by chunk under a progress bar. (G, k') each."""
-    scores, indices = [], []
-    train = train.to(device)  # once, not per chunk
-    for start in tqdm(range(0, len(generated), chunk), desc="search", unit="chunk"):
-        s, i = search_topk(generated[start:start + chunk], train, k=k, device=device)
-        scores.append(s.cpu()), indices.append(i.cpu())
-    return torch.cat(scores), torch.cat(indices)
+def _switched_on(node) -> dict | None:
+    """An optional extra's options without its `enabled` switch, or None when it is off."""
+    options = OmegaConf.to_container(node, resolve=True)
+    return options if options.pop("enabled") else None
 
 
 def replicate(cfg: DictConfig) -> dict[str, float]:
@@ -58,23 +30,28 @@ def replicate(cfg: DictConfig) -> dict[str, float]:
     print_config_tree(cfg, save_to=output_dir / "config_resolved.yaml")
     device = resolve_device(cfg.device)
     extractor = hydra.utils.instantiate(cfg.extractor).to(device).eval()
-    args = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "device": device}
-    train = cached_folder_features(extractor, cfg.train, cfg.cache_dir, OmegaConf.to_container(cfg.extractor,
-                                   resolve=True), desc="train features", **args)
-    generated = extract_folder(extractor, cfg.generated, desc="generated features", **args)
-    prompts = load_prompts(cfg.prompts, generated.paths) if cfg.get("prompts") else None
-    if generated.features.shape[1] != train.features.shape[1]:
-        raise ValueError(f"generated features {tuple(generated.features.shape)} and train features "
-                         f"{tuple(train.features.shape)} differ in dimension: the cache and the extractor disagree")
-    scores, indices = match_generations(generated.features, train.features, cfg.k, device)
-    background, _ = train_background(train.features)
-    stats = stats_from_similarities(scores[:, 0], background, cfg.threshold)
-    files = write_report(output_dir, stats, generated, train, scores, indices, background, cfg.threshold,
-                         cfg.gallery_size, prompts, extra={"extractor": extractor.name, "train_cache": train.cache})
+    stats = analyse_replication(
+        extractor,
+        cfg.generated,
+        cfg.train,
+        output_dir,
+        train_files=read_file_list(cfg.train_files, cfg.train_files_key) if cfg.train_files else None,
+        k=cfg.k,
+        threshold=cfg.threshold,
+        gallery_size=cfg.gallery_size,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        device=device,
+        cache_dir=cfg.cache_dir,
+        extractor_config=OmegaConf.to_container(cfg.extractor, resolve=True),
+        prompts=cfg.prompts,
+        sampling_weights=cfg.sampling_weights,
+        complexity=cfg.complexity,
+        fid=_switched_on(cfg.fid),
+        clip_score=_switched_on(cfg.clip_score),
+    )
     save_metrics(stats, output_dir / "metrics.json")
-    log_report_to_wandb(files, stats)
-    log.info(f"Replication report in {output_dir}: sim_95pc={stats['sim_95pc']:.4f}, "
-             f"sim_gt_thr={stats['sim_gt_thr']:.4f} (threshold {cfg.threshold}), bg_95pc={stats['bg_95pc']:.4f}")
+    log_report_to_wandb(output_dir, stats)
     return stats
 
 

@@ -39,12 +39,18 @@ def folders(tmp_path_factory):
             x, y = rng.integers(0, 24, 2)
             train[f"{n}_crop{j}"] = train[n].crop((x, y, x + 40, y + 40)).resize((64, 64))
     generated = {
-        "copy_astronaut": train["astronaut"], "copy_coffee_crop0": train["coffee_crop0"],
-        "jitter_coins": ImageEnhance.Brightness(ImageEnhance.Contrast(train["coins"]).enhance(1.3)).enhance(0.8),
+        "copy_astronaut": train["astronaut"],
+        "copy_coffee_crop0": train["coffee_crop0"],
+        "jitter_coins": ImageEnhance.Brightness(ImageEnhance.Contrast(train["coins"]).enhance(1.3)).enhance(
+            0.8
+        ),
         "jitter_ihc": ImageEnhance.Color(train["immunohistochemistry"]).enhance(0.5),
-        "flip_chelsea": ImageOps.mirror(train["chelsea"]), "flip_rocket": ImageOps.mirror(train["rocket"]),
+        "flip_chelsea": ImageOps.mirror(train["chelsea"]),
+        "flip_rocket": ImageOps.mirror(train["rocket"]),
         "crop_camera": train["camera"].crop((8, 8, 56, 56)).resize((64, 64)),
-        "other_moon": _shipped("moon"), "other_page": _shipped("page"), "other_hubble": _shipped("hubble_deep_field"),
+        "other_moon": _shipped("moon"),
+        "other_page": _shipped("page"),
+        "other_hubble": _shipped("hubble_deep_field"),
         **{f"noise{i}": Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for i in range(2)},
     }
     for folder, images in (("train", train), ("generated", generated)):
@@ -56,8 +62,16 @@ def folders(tmp_path_factory):
 
 
 def run(root, out, extractor="pixels", *extra):
-    overrides = [f"extractor={extractor}", f"generated={root / 'generated'}", f"train={root / 'train'}",
-                 f"paths.data_dir={root / 'data'}", "num_workers=0", "batch_size=8", "device=cpu", *extra]
+    overrides = [
+        f"extractor={extractor}",
+        f"generated={root / 'generated'}",
+        f"train={root / 'train'}",
+        f"paths.data_dir={root / 'data'}",
+        "num_workers=0",
+        "batch_size=8",
+        "device=cpu",
+        *extra,
+    ]
     if extractor == "sscd":
         overrides.append("extractor.checkpoint=null")  # random SSCD architecture: nothing to download
         torch.manual_seed(0)  # the random weights, and so the ranking, are fixed
@@ -72,10 +86,17 @@ def test_pixels_rank_planted_copies_first_and_second_run_hits_the_cache(folders,
     for name in ("report.json", "matches.csv", "histogram.png", "gallery.png"):
         assert (tmp_path / "a" / name).stat().st_size > 0, name
     assert report["train_cache"] == "miss"
-    assert [s["path"] for s in report["skipped"]["generated"]] == ["corrupt.png"] and report["skipped"]["train"] == []
+    assert [s["path"] for s in report["skipped"]["generated"]] == ["corrupt.png"] and report["skipped"][
+        "train"
+    ] == []
     assert "not an image" in report["skipped"]["generated"][0]["reason"]
-    assert report["counts"] == {"generated": NUM_GENERATED, "train": 21, "generated_skipped": 1, "train_skipped": 0,
-                                "above_threshold": 4}
+    assert report["counts"] == {
+        "generated": NUM_GENERATED,
+        "train": 21,
+        "generated_skipped": 1,
+        "train_skipped": 0,
+        "above_threshold": 4,
+    }
     # Pixels (Pearson correlation of thumbnails) see exact and colour-jittered copies (sim > 0.98), not flips or
     # crops: those 4 rank first in the report, each matched to its source, and are the share above 0.9.
     planted = {**EXACT, **JITTER}
@@ -92,7 +113,9 @@ def test_pixels_rank_planted_copies_first_and_second_run_hits_the_cache(folders,
     def no_extraction(*args, **kwargs):
         raise AssertionError("the training folder was extracted again despite a valid cache")
 
-    with monkeypatch.context() as patch:  # the generated folder is extracted through src.replicate's own import
+    with (
+        monkeypatch.context() as patch
+    ):  # the generated folder is extracted through src.replicate's own import
         patch.setattr(features_module, "extract_folder", no_extraction)
         again, report_b, _ = run(folders, tmp_path / "b", "pixels", "threshold=0.9", "k=3")
     assert report_b["train_cache"] == "hit" and again == stats
@@ -139,14 +162,73 @@ def test_prompts_and_wandb_logging(folders, tmp_path, monkeypatch):
     names = sorted(p.name for p in (folders / "generated").iterdir() if p.name != "corrupt.png")
     prompts.write_text(json.dumps({n: f"a picture called {n}" for n in names}))
     logged = []
-    fake = types.SimpleNamespace(run=object(), log=logged.append, Image=lambda path: ("image", path),
-                                 Table=lambda columns, data: ("table", columns, len(data)))
+    fake = types.SimpleNamespace(
+        run=object(),
+        log=logged.append,
+        Image=lambda path: ("image", path),
+        Table=lambda columns, data: ("table", columns, len(data)),
+    )
     monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
     stats, _, rows = run(folders, tmp_path / "run", "pixels", f"prompts={prompts}")
     assert all(r["prompt"] == f"a picture called {r['generated']}" for r in rows)
     assert logged[0]["replication/sim_gt_thr"] == stats["sim_gt_thr"]
     assert logged[0]["replication/matches"][2] == NUM_GENERATED
-    assert logged[0]["replication/gallery"][0] == "image"
+    assert (
+        logged[0]["replication/gallery"][0] == "image" and logged[0]["replication/complexity"][0] == "image"
+    )
     with pytest.raises(ValueError, match="prompts.txt' has 1 lines for 12"):
         (tmp_path / "prompts.txt").write_text("one line\n")
         run(folders, tmp_path / "run2", "pixels", f"prompts={tmp_path / 'prompts.txt'}")
+
+
+def test_training_subset_sampling_weights_and_extras_from_the_config(folders, tmp_path):
+    names = sorted(p.name for p in (folders / "train").iterdir())
+    subset = [n for n in names if not n.startswith("astronaut")]  # 18 of the 21 images
+    index = tmp_path / "subset_index.json"
+    index.write_text(json.dumps({"train": subset, "control": [n for n in names if n not in subset]}))
+    weights = tmp_path / "weights.json"
+    weights.write_text(json.dumps({n: 5.0 if n.startswith("coins") else 1.0 for n in subset}))
+    stats, report, rows = run(
+        folders,
+        tmp_path / "run",
+        "pixels",
+        f"train_files={index}",
+        f"sampling_weights={weights}",
+        "threshold=0.9",
+    )
+    assert report["counts"]["train"] == 18 and not any(r["match_1"].startswith("astronaut") for r in rows)
+    assert report["sampling_weights"]["num_upweighted_train"] == 3
+    upweighted = [
+        float(r["sim_1"]) for r in rows if r["match_1"].startswith("coins")
+    ]  # jitter_coins at least
+    assert stats["sim_upweighted_count"] == len(upweighted) >= 1
+    assert stats["sim_upweighted_mean"] == pytest.approx(np.mean(upweighted), abs=1e-6)
+    assert stats["sim_upweighted_count"] + stats["sim_not_upweighted_count"] == NUM_GENERATED
+    assert {"cc_entropy", "cc_jpeg_kb", "cc_tv"} <= set(stats) and (
+        tmp_path / "run" / "complexity.png"
+    ).is_file()
+    # the held-out images of the same index: the planted copy of the astronaut finds its source
+    held, report, rows = run(
+        folders,
+        tmp_path / "held",
+        "pixels",
+        f"train_files={index}",
+        "train_files_key=control",
+        "complexity=false",
+    )
+    assert report["counts"]["train"] == 3 and rows[0]["generated"] == "copy_astronaut.png"
+    assert "cc_entropy" not in held and not (tmp_path / "held" / "complexity.png").exists()
+
+
+def test_extras_fail_before_extraction_with_how_to_fix(folders, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"none.pth' do not exist.*fid.weights=PATH"):
+        run(
+            folders,
+            tmp_path / "fid",
+            "pixels",
+            "fid.enabled=true",
+            f"fid.weights={tmp_path / 'none.pth'}",
+            f"train={tmp_path / 'not_read'}",
+        )
+    with pytest.raises(ValueError, match="clip_score needs the generations' prompts"):
+        run(folders, tmp_path / "clip", "pixels", "clip_score.enabled=true", f"train={tmp_path / 'not_read'}")

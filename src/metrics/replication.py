@@ -36,7 +36,9 @@ def _as_features(x, name: str) -> torch.Tensor:
     """Validate (rows, D) L2-normalised features: torch or numpy, floating point, non-empty, finite."""
     x = as_feature_matrix(x, name)
     if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): replication statistics need >= 1 feature")
+        raise ValueError(
+            f"{name} is empty (shape {tuple(x.shape)}): replication statistics need >= 1 feature"
+        )
     x = x if x.dtype == torch.float64 else x.float()
     norms = x.norm(dim=1)
     off = ((norms - 1).abs() > _NORM_TOLERANCE).nonzero()
@@ -146,3 +148,47 @@ def replication_stats(generated, train, threshold: float = 0.5, chunk_size: int 
     top1, _ = top1_similarities(generated, train, chunk_size)
     background, _ = train_background(train, chunk_size)
     return stats_from_similarities(top1, background, threshold)
+
+
+def upweighted_split_stats(
+    top1, matched_weights, min_weight: float, threshold: float = 0.5
+) -> dict[str, float]:
+    """Top-1 similarities split by whether the matched training image was up-weighted in training.
+
+    The DCR `dup_image` / `dup_both` runs sample 5% of the training images with weight 5 and the rest with weight 1
+    (PAPERS.md §2.4); `diff_retrieval.py` then splits each generation's top-1 similarity by `weights[match] > 1`
+    (`weightplot.png`). Here "up-weighted" means a weight above `min_weight`, the smallest weight over the whole
+    training set, so weights saved as probabilities or on another scale split the same way.
+
+    Args:
+        top1: (G,) each generation's top-1 similarity to the training set.
+        matched_weights: (G,) the sampling weight of each generation's top-1 training image.
+        min_weight: the smallest sampling weight of the training set (not only of the matched images).
+        threshold: the `_gt_thr` share counts similarities STRICTLY above it, as `sim_gt_thr`.
+
+    Returns:
+        {sim_upweighted_count, _mean, _95pc, _gt_thr} and the same for `sim_not_upweighted_`: the number of
+        generations whose match is (not) up-weighted and their top-1 statistics (numpy mean, linear 95th
+        percentile, share above the threshold); NaN statistics for an empty group.
+    """
+    top1 = torch.as_tensor(top1).detach().cpu().double().numpy()
+    weights = torch.as_tensor(matched_weights).detach().cpu().double().numpy()
+    if top1.ndim != 1 or weights.shape != top1.shape:
+        raise ValueError(
+            f"top1 {top1.shape} and matched_weights {weights.shape} must be 1-D vectors of the same length"
+        )
+    if top1.size == 0:
+        raise ValueError("top1 is empty: the up-weighted split needs >= 1 generation")
+    if (weights < min_weight).any():
+        raise ValueError(
+            f"matched weight {weights.min()} is below min_weight={min_weight}: pass the training set's smallest weight"
+        )
+    upweighted = weights > min_weight
+    out = {}
+    for name, values in (("upweighted", top1[upweighted]), ("not_upweighted", top1[~upweighted])):
+        empty = values.size == 0
+        out[f"sim_{name}_count"] = int(values.size)
+        out[f"sim_{name}_mean"] = float("nan") if empty else float(np.mean(values))
+        out[f"sim_{name}_95pc"] = float("nan") if empty else float(np.percentile(values, 95))
+        out[f"sim_{name}_gt_thr"] = float("nan") if empty else float(np.mean(values > threshold))
+    return out

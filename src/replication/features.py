@@ -1,15 +1,18 @@
 """Image folder -> L2-normalised features, skipping (and listing) unreadable files, with an on-disk cache.
 
 The DCR code re-extracts the whole training set for every analysis (somepago/DCR `diff_retrieval.py`). Here the
-training-set features are cached under `cache_dir`, keyed by a hash of the folder's content (sorted relative
-paths, sizes and modification times), the extractor's `name` and its config: a second analysis against the same
-folder extracts nothing, while another extractor or another version of the folder (a file added, removed,
-rewritten or touched) gets a new key and is never served a stale cache.
+training-set features are cached under `cache_dir`, keyed by a hash of the images read (relative paths, sizes and
+modification times), the extractor's `name` and its config: a second analysis against the same folder extracts
+nothing, while another extractor or another version of the folder (a file added, removed, rewritten or touched) gets
+a new key and is never served a stale cache. `files=` restricts a folder to listed images (a training subset of a
+larger folder, e.g. 300 of the 30,000 CelebA-HQ images, PAPERS.md §1.6); the key then covers exactly those files, so
+a subset and the whole folder never share a cache.
 """
 
 import hashlib
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,19 +47,64 @@ class FolderFeatures:
     cache: str = "off"
 
 
+def folder_files(folder, files: list[str] | None = None) -> list[str]:
+    """Relative paths (posix str) of the images to read: `list_images(folder)` when `files` is None, else `files`
+    (in their order) after checking that each one exists under `folder`.
+
+    Raises FileNotFoundError naming the folder (and the extensions searched) when it is missing or holds no image,
+    or naming how many listed files are missing and the first few; ValueError for an empty list, an absolute or
+    `..` path, or a path listed twice.
+    """
+    folder = Path(folder)
+    if files is None:
+        return [f.relative_to(folder).as_posix() for f in list_images(folder)]
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"image folder '{folder}' does not exist (it should hold the {len(files)} listed files)"
+        )
+    files = [Path(f).as_posix() for f in files]
+    if not files:
+        raise ValueError(
+            f"the list of files to read from '{folder}' is empty; pass None to read the whole folder"
+        )
+    outside = [f for f in files if Path(f).is_absolute() or ".." in Path(f).parts]
+    if outside:
+        raise ValueError(
+            f"listed files must be paths relative to '{folder}'; {len(outside)} are not, e.g. {outside[:3]}"
+        )
+    repeated = sorted(f for f, count in Counter(files).items() if count > 1)
+    if repeated:
+        raise ValueError(
+            f"{len(repeated)} file(s) are listed more than once for '{folder}', e.g. {repeated[:3]}"
+        )
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(files)} listed files do not exist under '{folder}', e.g. {missing[:5]}"
+        )
+    return files
+
+
 @torch.no_grad()
 def extract_folder(
-    extractor, folder, batch_size: int = 32, num_workers: int = 0, device="cpu", desc: str | None = None
+    extractor,
+    folder,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device="cpu",
+    desc: str | None = None,
+    files: list[str] | None = None,
 ) -> FolderFeatures:
-    """Extract features of every image under `folder` (recursive, `list_images`) with a progress bar.
+    """Extract features of every image under `folder` (recursive, `list_images`), or of the listed `files` only
+    (paths relative to `folder`, see `folder_files`), with a progress bar.
 
     Each image goes through `extractor.transform()` then `extractor(...)`. Unreadable files (corrupt, truncated,
     unsupported mode) are skipped, logged and listed in `.skipped`. Raises FileNotFoundError naming the folder and
-    the extensions searched when the folder is missing or holds no image, and RuntimeError when none is readable.
+    the extensions searched when the folder is missing or holds no image (or naming the listed files that do not
+    exist), and RuntimeError when none is readable.
     """
     folder = Path(folder)
-    files = list_images(folder)
-    relative = [f.relative_to(folder).as_posix() for f in files]
+    relative = folder_files(folder, files)
     loader = DataLoader(
         RetrievalImageDataset(folder, relative, extractor.transform()),
         batch_size=batch_size,
@@ -75,14 +123,16 @@ def extract_folder(
             chunks.append(features)
             rows.extend(batch["index"].tolist())
     skipped = [
-        {"path": relative[i], "reason": _unreadable_reason(files[i])}
-        for i in sorted(set(range(len(files))) - set(rows))
+        {"path": relative[i], "reason": _unreadable_reason(folder / relative[i])}
+        for i in sorted(set(range(len(relative))) - set(rows))
     ]
+    if skipped:
+        log.warning(f"{len(skipped)} of {len(relative)} files under '{folder}' are unreadable and skipped")
     if not chunks:
         raise RuntimeError(
-            f"none of the {len(files)} image files under '{folder}' is readable: {skipped[:3]}"
+            f"none of the {len(relative)} image files under '{folder}' is readable: {skipped[:3]}"
         )
-    paths = [files[i].relative_to(folder).as_posix() for i in rows]
+    paths = [relative[i] for i in rows]
     return FolderFeatures(str(folder), paths, torch.cat(chunks), skipped)
 
 
@@ -95,13 +145,16 @@ def _unreadable_reason(path: Path) -> str:
     return "unreadable while extracting"
 
 
-def cache_key(folder, extractor_name: str, extractor_config: dict | None = None) -> str:
-    """sha256 of (sorted relative paths, sizes, mtimes in ns) of the folder's images + extractor name + config."""
+def cache_key(
+    folder, extractor_name: str, extractor_config: dict | None = None, files: list[str] | None = None
+) -> str:
+    """sha256 of (relative path, size, mtime in ns) of each image read (`folder_files(folder, files)`: the sorted
+    folder listing, or the listed files in their order) + extractor name + config."""
     folder = Path(folder)
-    content = [
-        (p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in list_images(folder)
-    ]
+    content = []
+    for relative in folder_files(folder, files):
+        stat = (folder / relative).stat()
+        content.append((relative, stat.st_size, stat.st_mtime_ns))
     blob = json.dumps(
         [CACHE_VERSION, extractor_name, extractor_config or {}, content], sort_keys=True, default=str
     )
@@ -109,15 +162,21 @@ def cache_key(folder, extractor_name: str, extractor_config: dict | None = None)
 
 
 def cached_folder_features(
-    extractor, folder, cache_dir, extractor_config: dict | None = None, **extract_kwargs
+    extractor,
+    folder,
+    cache_dir,
+    extractor_config: dict | None = None,
+    files: list[str] | None = None,
+    **extract_kwargs,
 ) -> FolderFeatures:
     """`extract_folder`, read from / written to `cache_dir/<extractor name>_<key>.pt` (see `cache_key`).
 
-    `cache_dir=None` switches the cache off. `.cache` of the result says "hit" or "miss".
+    `files` restricts the folder to the listed relative paths (see `folder_files`). `cache_dir=None` switches the
+    cache off. `.cache` of the result says "hit" or "miss".
     """
     if cache_dir is None:
-        return extract_folder(extractor, folder, **extract_kwargs)
-    key = cache_key(folder, extractor.name, extractor_config)
+        return extract_folder(extractor, folder, files=files, **extract_kwargs)
+    key = cache_key(folder, extractor.name, extractor_config, files)
     path = Path(cache_dir) / f"{extractor.name}_{key[:24]}.pt"
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -129,7 +188,7 @@ def cached_folder_features(
                 str(folder), saved["paths"], saved["features"], saved["skipped"], cache="hit"
             )
         log.warning(f"Feature cache {path} holds another key (hash prefix collision); re-extracting")
-    result = extract_folder(extractor, folder, **extract_kwargs)
+    result = extract_folder(extractor, folder, files=files, **extract_kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(
         ".tmp"

@@ -1,8 +1,11 @@
-"""The replication report folder: `report.json`, `matches.csv`, `histogram.png`, `gallery.png` (PAPERS.md §1.9).
+"""The replication report folder: `report.json`, `matches.csv`, `histogram.png`, `gallery.png` (PAPERS.md §1.9),
+and with the complexity diagnostic (PAPERS.md §2.8) `complexity.csv` and `complexity.png`.
 
 The histogram and the gallery are the two figures of the DCR studies (somepago/DCR `diff_retrieval.py`): the
 distribution of each generation's top-1 similarity to the training set against the training set's own
-nearest-other-image similarities, and the most-replicated generations beside their best matches.
+nearest-other-image similarities, and the most-replicated generations beside their best matches. The complexity
+scatter plots put each generation's top-1 similarity against the complexity of its matched training image
+(DCR `simplicityscatter_*.png`).
 """
 
 import csv
@@ -30,8 +33,10 @@ def draw_histogram(top1, background, threshold: float):
     """
     bins = np.linspace(0.0, 1.0, round(1 / BIN_WIDTH) + 1)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for values, label, colour in ((background, "sim(train, train)", "tab:gray"),
-                                  (top1, "top-1 sim(gen, train)", "tab:red")):
+    for values, label, colour in (
+        (background, "sim(train, train)", "tab:gray"),
+        (top1, "top-1 sim(gen, train)", "tab:red"),
+    ):
         values = torch.as_tensor(values).double().cpu().numpy()
         below = int((values < 0).sum())
         label = f"{label}, n={len(values)}" + (f" ({below} < 0 in the first bin)" if below else "")
@@ -64,8 +69,19 @@ def write_matches(path, generated_paths, train_paths, scores, indices, prompts=N
     return rows
 
 
-def write_report(output_dir, stats: dict, generated, train, scores, indices, background, threshold: float,
-                 gallery_size: int = 8, prompts=None, extra: dict | None = None) -> dict[str, Path]:
+def write_report(
+    output_dir,
+    stats: dict,
+    generated,
+    train,
+    scores,
+    indices,
+    background,
+    threshold: float,
+    gallery_size: int = 8,
+    prompts=None,
+    extra: dict | None = None,
+) -> dict[str, Path]:
     """Write the four report files into `output_dir` and return their paths.
 
     generated, train: `FolderFeatures` of the two folders. scores, indices: (G, k) top-k similarities and training
@@ -74,13 +90,21 @@ def write_report(output_dir, stats: dict, generated, train, scores, indices, bac
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    files = {name: output_dir / name for name in ("report.json", "matches.csv", "histogram.png", "gallery.png")}
+    files = {
+        name: output_dir / name for name in ("report.json", "matches.csv", "histogram.png", "gallery.png")
+    }
     report = {
-        "stats": {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in stats.items()},
+        "stats": {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in stats.items()
+        },
         "threshold": threshold,
-        "counts": {"generated": len(generated.paths), "train": len(train.paths),
-                   "generated_skipped": len(generated.skipped), "train_skipped": len(train.skipped),
-                   "above_threshold": int((scores[:, 0] > threshold).sum())},
+        "counts": {
+            "generated": len(generated.paths),
+            "train": len(train.paths),
+            "generated_skipped": len(generated.skipped),
+            "train_skipped": len(train.skipped),
+            "above_threshold": int((scores[:, 0] > threshold).sum()),
+        },
         "folders": {"generated": generated.folder, "train": train.folder},
         "skipped": {"generated": generated.skipped, "train": train.skipped},
         **(extra or {}),
@@ -106,20 +130,68 @@ def write_report(output_dir, stats: dict, generated, train, scores, indices, bac
     return files
 
 
-def log_report_to_wandb(files: dict[str, Path], stats: dict) -> bool:
-    """Log the stats, the two figures and matches.csv as a table to the active W&B run; False when none is active."""
+COMPLEXITY_LABELS = {
+    "entropy": "grey-level entropy (nats)",
+    "jpeg_kb": "JPEG-90 size (KB)",
+    "tv": "total variation",
+}
+
+
+def write_complexity(output_dir, generated_paths, matched_paths, top1, complexity: dict, correlations: dict):
+    """complexity.csv (per generation: its top-1 training match, the similarity and the match's complexity
+    measures of `src.metrics.complexity`, in the generations' order) and complexity.png (`draw_complexity`) in
+    `output_dir`. Returns the two paths."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fig = draw_complexity(top1, complexity, correlations)
+    fig.savefig(output_dir / "complexity.png", dpi=100)
+    plt.close(fig)
+    top1 = torch.as_tensor(top1).double().cpu().tolist()
+    with open(output_dir / "complexity.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["generated", "match_1", "sim_1", *complexity])
+        for g, name in enumerate(generated_paths):
+            writer.writerow(
+                [
+                    name,
+                    matched_paths[g],
+                    round(top1[g], 6),
+                    *(round(float(values[g]), 6) for values in complexity.values()),
+                ]
+            )
+    return output_dir / "complexity.csv", output_dir / "complexity.png"
+
+
+def draw_complexity(top1, complexity: dict, correlations: dict):
+    """One scatter panel per complexity measure: the matched training image's complexity (x) against the
+    generation's top-1 similarity (y), titled with Pearson r and its p-value (DCR `simplicityscatter_*.png`)."""
+    top1 = torch.as_tensor(top1).double().cpu().numpy()
+    fig, axes = plt.subplots(1, len(complexity), figsize=(4 * len(complexity), 3.5), squeeze=False)
+    for ax, (name, values) in zip(axes[0], complexity.items(), strict=True):
+        ax.scatter(values, top1, s=8, alpha=0.6)
+        ax.set_xlabel(COMPLEXITY_LABELS.get(name, name)), ax.set_ylabel("top-1 sim(gen, train)")
+        ax.set_title(f"r={correlations[f'cc_{name}']:.3f}, p={correlations[f'pval_{name}']:.2g}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def log_report_to_wandb(output_dir, stats: dict) -> bool:
+    """Log the stats, every figure (*.png) of the report folder and matches.csv as a table to the active W&B run,
+    under `replication/`; False when no run is active."""
     try:
         import wandb
     except ImportError:
         return False
     if wandb.run is None:
         return False
-    with open(files["matches.csv"]) as f:
+    output_dir = Path(output_dir)
+    with open(output_dir / "matches.csv") as f:
         rows = list(csv.reader(f))
-    wandb.log({
-        **{f"replication/{k}": v for k, v in stats.items()},
-        "replication/histogram": wandb.Image(str(files["histogram.png"])),
-        "replication/gallery": wandb.Image(str(files["gallery.png"])),
-        "replication/matches": wandb.Table(columns=rows[0], data=rows[1:]),
-    })
+    wandb.log(
+        {
+            **{f"replication/{k}": v for k, v in stats.items()},
+            **{f"replication/{png.stem}": wandb.Image(str(png)) for png in sorted(output_dir.glob("*.png"))},
+            "replication/matches": wandb.Table(columns=rows[0], data=rows[1:]),
+        }
+    )
     return True
