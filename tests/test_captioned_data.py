@@ -276,7 +276,7 @@ def test_unreadable_images_are_skipped_and_counted(folder, tmp_path):
 
 
 def test_captioned_faces_config_composes_with_a_mitigation(data_dir, tmp_path):
-    cfg = compose_config("train", ["data=captioned_faces", "+mitigation=rc", f"paths.data_dir={data_dir}",
+    cfg = compose_config("train", ["data=captioned_faces", "mitigation=rc", f"paths.data_dir={data_dir}",
                                    "data.image_size=16"], tmp_path)  # fmt: skip
     data = hydra.utils.instantiate(cfg.data, tokenizer=StubTokenizer())
     assert data.mitigation == ("rc", {"p": 0.1})

@@ -91,3 +91,75 @@ def test_style_retrieval_notebook_runs_on_a_tiny_training_run(data_dir, tmp_path
     assert len(figures) == 4, f"expected 4 figures, got {len(figures)}"
     tables = [o for o in outputs if "text/html" in o.get("data", {})]
     assert any("mAP@10" in t["data"]["text/html"] for t in tables), "no metrics table was shown"
+
+
+def test_replication_analysis_takes_report_dir_as_its_first_parameter():
+    notebook = nbformat.read(ROOT / "notebooks" / "replication_analysis.ipynb", as_version=4)
+    first = next(cell for cell in notebook.cells if cell.cell_type == "code")
+    assert "parameters" in first.metadata.get("tags", [])
+    assert 'REPORT_DIR = os.environ.get("REPORT_DIR", "")' in first.source
+
+
+def tiny_replication_folders(root: Path) -> tuple[Path, Path]:
+    """train/: 6 skimage images at 48 px; generated/: 2 exact copies, a darkened copy, a mirrored image, 2 noise
+    images and one corrupt file."""
+    import numpy as np
+    from PIL import Image, ImageEnhance, ImageOps
+    from skimage import data
+
+    names = ["astronaut", "coffee", "chelsea", "camera", "rocket", "coins"]
+    train = {n: Image.fromarray(getattr(data, n)()).convert("RGB").resize((48, 48)) for n in names}
+    rng = np.random.default_rng(0)
+    generated = {
+        "copy_astronaut": train["astronaut"],
+        "copy_coffee": train["coffee"],
+        "dark_coins": ImageEnhance.Brightness(train["coins"]).enhance(0.8),
+        "mirror_chelsea": ImageOps.mirror(train["chelsea"]),
+        **{f"noise{i}": Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)) for i in range(2)},
+    }
+    for folder, images in (("train", train), ("generated", generated)):
+        (root / folder).mkdir(parents=True)
+        for name, image in images.items():
+            image.save(root / folder / f"{name}.png")
+    (root / "generated" / "broken.png").write_bytes(b"not an image")
+    return root / "generated", root / "train"
+
+
+@pytest.mark.slow
+def test_replication_analysis_notebook_runs_on_a_tiny_report(tmp_path, monkeypatch):
+    import json
+
+    from src.replicate import replicate
+
+    generated, train = tiny_replication_folders(tmp_path)
+    report_dir = tmp_path / "report"
+    overrides = [
+        f"generated={generated}",
+        f"train={train}",
+        "extractor=pixels",
+        "threshold=0.9",
+        "k=3",
+        "cache_dir=null",
+        "num_workers=0",
+        "device=cpu",
+    ]
+    replicate(compose_config("replicate.yaml", overrides, report_dir))
+    # pixels (thumbnail correlations) see the exact and the darkened copies, not the mirrored image
+    assert json.loads((report_dir / "report.json").read_text())["counts"]["above_threshold"] == 3
+
+    monkeypatch.setenv("REPORT_DIR", str(report_dir))  # the kernel inherits the environment
+    notebook = execute_notebook(ROOT / "notebooks" / "replication_analysis.ipynb")
+
+    outputs = outputs_of(notebook)
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert f"Report:     {report_dir}" in text
+    assert "statistics match report.json" in text
+    figures = [o for o in outputs if "image/png" in o.get("data", {})]
+    # recomputed + saved histogram, saved gallery, top-N image grid, and complexity.png when the run wrote one
+    expected = 3 + (report_dir / "complexity.png").is_file()
+    assert len(figures) == expected, f"expected {expected} figures, got {len(figures)}"
+    tables = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert any("top-1 sim(gen, train)" in t and "background sim(train, train)" in t for t in tables)
+    assert any("copy_astronaut.png" in t and "mirror_chelsea.png" in t for t in tables), "no top-N table"
+    assert any("broken.png" in t for t in tables), "the skipped file is not listed"
