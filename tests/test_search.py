@@ -181,3 +181,14 @@ def test_split_product_bad_inputs():
         split_product_similarity(
             torch.randn(2, 5, 6), torch.cat([torch.randn(1, 5, 6), torch.zeros(1, 5, 6)])
         )
+
+
+def test_metrics_and_replication_import_in_either_order():
+    """src.metrics.replication uses src.replication.search; neither package may import the other at init time."""
+    import subprocess
+    import sys
+
+    for first, second in (("src.metrics", "src.replication"), ("src.replication", "src.metrics")):
+        code = f"import {first}, {second}, src.replication.analysis, src.benchmarks.replication_search"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
