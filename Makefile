@@ -33,6 +33,10 @@ test-fast: install-dev
 bench: install  ## throughput / time / memory benchmarks against in-run baselines
 	$(PY) -m src.benchmarks.retrieval_metrics
 	$(PY) -m src.benchmarks.csd_step
+	$(PY) -m src.benchmarks.replication_search
+	$(PY) -m src.benchmarks.extractor_throughput
+	$(PY) -m src.benchmarks.ddpm_step
+	$(PY) -m src.benchmarks.ddpm_sampling
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests
