@@ -27,12 +27,24 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def embed_images(extractor, root: Path, paths: list[str], batch_size: int, num_workers: int, device: torch.device,
-                 desc: str, project=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def embed_images(
+    extractor,
+    root: Path,
+    paths: list[str],
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    desc: str,
+    project=None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Embed images with the extractor's own preprocessing, applying `project` (e.g. a fitted PCA) to each batch so
     that only reduced embeddings are held. Returns (embeddings (M, D), kept row indices (M,), number skipped)."""
-    loader = DataLoader(RetrievalImageDataset(root, paths, extractor.transform()), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=collate_skip_none)
+    loader = DataLoader(
+        RetrievalImageDataset(root, paths, extractor.transform()),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_skip_none,
+    )
     embeddings, indices, skipped = [], [], 0
     for batch in tqdm(loader, desc=desc, unit="batch"):
         skipped += batch["num_skipped"]
@@ -52,7 +64,9 @@ def fit_pca(features: torch.Tensor, dims: int):
     dims = min(dims, features.shape[1], features.shape[0])
     pca = faiss.PCAMatrix(features.shape[1], dims)
     pca.train(np.ascontiguousarray(features.numpy(), dtype=np.float32))
-    return lambda x: F.normalize(torch.from_numpy(pca.apply(np.ascontiguousarray(x.numpy(), np.float32))), dim=-1)
+    return lambda x: F.normalize(
+        torch.from_numpy(pca.apply(np.ascontiguousarray(x.numpy(), np.float32))), dim=-1
+    )
 
 
 def pca_reduce(query: torch.Tensor, database: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +77,9 @@ def pca_reduce(query: torch.Tensor, database: torch.Tensor, dims: int) -> tuple[
 
 def table_row(name: str, metrics: dict, ks=(1, 10, 100)) -> str:
     """One markdown row in Table 1's order: mAP@k then Recall@k, in percent."""
-    cells = [f"{100 * metrics[f'mAP@{k}']:.2f}" for k in ks] + [f"{100 * metrics[f'recall@{k}']:.2f}" for k in ks]
+    cells = [f"{100 * metrics[f'mAP@{k}']:.2f}" for k in ks] + [
+        f"{100 * metrics[f'recall@{k}']:.2f}" for k in ks
+    ]
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
@@ -87,18 +103,34 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             # (VGG Gram: 131k dims) of a whole WikiArt would not fit in memory (~42 GB for 80k images).
             sample = torch.randperm(len(rset.database), generator=torch.Generator().manual_seed(0))
             sample = [rset.database[i] for i in sample[: cfg.pca_fit_images].tolist()]
-            project = fit_pca(embed_images(extractor, rset.root, sample, *args, desc="PCA sample")[0], cfg.pca_dims)
-        query, q_rows, q_skip = embed_images(extractor, rset.root, rset.query, *args, desc="query", project=project)
-        database, d_rows, d_skip = embed_images(extractor, rset.root, rset.database, *args, desc="database",
-                                                project=project)
+            project = fit_pca(
+                embed_images(extractor, rset.root, sample, *args, desc="PCA sample")[0], cfg.pca_dims
+            )
+        query, q_rows, q_skip = embed_images(
+            extractor, rset.root, rset.query, *args, desc="query", project=project
+        )
+        database, d_rows, d_skip = embed_images(
+            extractor, rset.root, rset.database, *args, desc="database", project=project
+        )
         if q_skip or d_skip:
-            log.warning(f"Skipped unreadable images: {q_skip} queries, {d_skip} database images (left out of scoring).")
+            log.warning(
+                f"Skipped unreadable images: {q_skip} queries, {d_skip} database images (left out of scoring)."
+            )
         query_labels, database_labels = rset.query_labels[q_rows], rset.database_labels[d_rows]
         if cfg.save_embeddings:
-            path = save_embeddings(output_dir / "embeddings.npz", query, database, query_labels, database_labels,
-                                   rset.label_names, [rset.query[i] for i in q_rows.tolist()],
-                                   [rset.database[i] for i in d_rows.tolist()], root=rset.root, descriptor=name,
-                                   half=cfg.half_embeddings)
+            path = save_embeddings(
+                output_dir / "embeddings.npz",
+                query,
+                database,
+                query_labels,
+                database_labels,
+                rset.label_names,
+                [rset.query[i] for i in q_rows.tolist()],
+                [rset.database[i] for i in d_rows.tolist()],
+                root=rset.root,
+                descriptor=name,
+                half=cfg.half_embeddings,
+            )
             log.info(f"Saved embeddings to {path}")
     if cfg.get("pca_dims") and cfg.get("embeddings") and query.shape[1] > cfg.pca_dims:
         query, database = pca_reduce(query, database, cfg.pca_dims)

@@ -69,8 +69,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         before = {k.removeprefix("before/"): v for k, v in metrics.items() if k.startswith("before/test/")}
         after = {k: v for k, v in metrics.items() if k.startswith("test/")}
         if before or after:
-            print_before_after({k.removeprefix("test/"): v for k, v in before.items()},
-                               {k.removeprefix("test/"): v for k, v in after.items()})
+            print_before_after(
+                {k.removeprefix("test/"): v for k, v in before.items()},
+                {k.removeprefix("test/"): v for k, v in after.items()},
+            )
         log.info(f"Run directory: {output_dir}")
     return metrics
 
@@ -82,7 +84,9 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     finally:
         wandb = sys.modules.get("wandb")  # imported only when a W&B logger was used
-        if wandb is not None and wandb.run is not None:  # close it so the next job of a multirun starts its own
+        if (
+            wandb is not None and wandb.run is not None
+        ):  # close it so the next job of a multirun starts its own
             wandb.finish()
     metric = cfg.get("optimized_metric")
     if metric and metric not in metrics:

@@ -46,8 +46,10 @@ def tiny_overrides(data_dir: Path, bench: bool = True, devices: int = 1) -> list
         "logger=csv",
     ]
     if bench:
-        overrides += [f"data.bench_image_size={TINY_BENCH['image_size']}",
-                      f"data.bench_images_per_style={TINY_BENCH['images_per_style']}"]
+        overrides += [
+            f"data.bench_image_size={TINY_BENCH['image_size']}",
+            f"data.bench_images_per_style={TINY_BENCH['images_per_style']}",
+        ]
     return overrides
 
 
@@ -64,6 +66,35 @@ def tiny_diffusion_overrides(data_dir: Path, subset_size: int = 8) -> list[str]:
         "data.num_workers=0",
         "data.pin_memory=false",
         "model/unet=tiny",
+        "model.sample_steps=2",
+        "model.scheduler.warmup_steps=1",
+        "extractor=pixels",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.precision=32-true",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "+trainer.enable_model_summary=false",
+        "logger=csv",
+        "callbacks.sample_grid.num_images=4",
+        "callbacks.replication.num_images=6",
+        "callbacks.replication.batch_size=6",
+    ]
+
+
+def tiny_text2img_overrides(data_dir: Path, subset_size: int = 8) -> list[str]:
+    """Overrides that make any text-conditional config run a few CPU steps on the embedded captioned faces."""
+    return [
+        f"paths.data_dir={data_dir}",
+        "data.root=embedded_faces",
+        f"data.subset_size={subset_size}",
+        "data.image_size=32",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "model/cond_unet=tiny",
+        "model.text_encoder.width=32",
+        "model.text_encoder.heads=2",
         "model.sample_steps=2",
         "model.scheduler.warmup_steps=1",
         "extractor=pixels",

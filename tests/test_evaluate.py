@@ -12,26 +12,42 @@ from tests.conftest import TINY_BENCH, compose_config, tiny_overrides
 
 
 def bench_overrides(data_dir) -> list[str]:
-    return [f"paths.data_dir={data_dir}", f"benchmark.image_size={TINY_BENCH['image_size']}",
-            f"benchmark.images_per_style={TINY_BENCH['images_per_style']}", "num_workers=0", "batch_size=16"]
+    return [
+        f"paths.data_dir={data_dir}",
+        f"benchmark.image_size={TINY_BENCH['image_size']}",
+        f"benchmark.images_per_style={TINY_BENCH['images_per_style']}",
+        "num_workers=0",
+        "batch_size=16",
+    ]
 
 
 @pytest.mark.parametrize("extractor", ["pixels", "color_hist"])
 def test_baseline_writes_metrics_row_and_embeddings_that_rescore_identically(extractor, data_dir, tmp_path):
-    cfg = compose_config("evaluate.yaml", [f"extractor={extractor}", *bench_overrides(data_dir)], tmp_path / "a")
+    cfg = compose_config(
+        "evaluate.yaml", [f"extractor={extractor}", *bench_overrides(data_dir)], tmp_path / "a"
+    )
     metrics = evaluate(cfg)
     assert set(metrics) >= {"mAP@1", "mAP@10", "mAP@100", "recall@1", "recall@10", "recall@100"}
     assert json.loads((tmp_path / "a" / "metrics.json").read_text()) == pytest.approx(metrics)
     row = (tmp_path / "a" / "table_row.md").read_text().splitlines()
-    assert row[0].startswith("| Method | mAP@1 | mAP@10 | mAP@100 | R@1") and row[1].startswith(f"| {extractor} |")
+    assert row[0].startswith("| Method | mAP@1 | mAP@10 | mAP@100 | R@1") and row[1].startswith(
+        f"| {extractor} |"
+    )
     assert f"{100 * metrics['mAP@10']:.2f}" in row[1]
-    rescored = evaluate(compose_config("evaluate.yaml", [f"embeddings={tmp_path / 'a' / 'embeddings.npz'}",
-                                                         *bench_overrides(data_dir)], tmp_path / "b"))
+    rescored = evaluate(
+        compose_config(
+            "evaluate.yaml",
+            [f"embeddings={tmp_path / 'a' / 'embeddings.npz'}", *bench_overrides(data_dir)],
+            tmp_path / "b",
+        )
+    )
     assert rescored == metrics
 
 
 def test_pca_fitted_on_the_database_reduces_each_batch(data_dir, tmp_path):
-    full = evaluate(compose_config("evaluate.yaml", ["extractor=pixels", *bench_overrides(data_dir)], tmp_path / "a"))
+    full = evaluate(
+        compose_config("evaluate.yaml", ["extractor=pixels", *bench_overrides(data_dir)], tmp_path / "a")
+    )
     overrides = ["extractor=pixels", "pca_dims=8", "pca_fit_images=100000", *bench_overrides(data_dir)]
     reduced = evaluate(compose_config("evaluate.yaml", overrides, tmp_path / "b"))
     saved = load_embeddings(tmp_path / "b" / "embeddings.npz")
@@ -45,8 +61,11 @@ def test_pca_fitted_on_the_database_reduces_each_batch(data_dir, tmp_path):
 
 
 def test_missing_benchmark_folder_names_the_file(tmp_path):
-    cfg = compose_config("evaluate.yaml", ["extractor=pixels", "benchmark=wikiart", f"paths.data_dir={tmp_path}"],
-                         tmp_path / "run")
+    cfg = compose_config(
+        "evaluate.yaml",
+        ["extractor=pixels", "benchmark=wikiart", f"paths.data_dir={tmp_path}"],
+        tmp_path / "run",
+    )
     with pytest.raises(Exception, match="wikiart.csv.*does not exist"):  # Hydra wraps it, message intact
         evaluate(cfg)
 
@@ -54,10 +73,22 @@ def test_missing_benchmark_folder_names_the_file(tmp_path):
 @pytest.mark.slow
 def test_csd_checkpoint_scores_like_its_training_run(data_dir, tmp_path):
     run = tmp_path / "run"
-    trained = train(compose_config("train.yaml", ["experiment=csd_quickstart", *tiny_overrides(data_dir),
-                                                  "eval_before_training=false"], run))
-    cfg = compose_config("evaluate.yaml", ["extractor=csd", f"extractor.checkpoint={run / 'checkpoints' / 'last.ckpt'}",
-                                           *bench_overrides(data_dir)], tmp_path / "eval")
+    trained = train(
+        compose_config(
+            "train.yaml",
+            ["experiment=csd_quickstart", *tiny_overrides(data_dir), "eval_before_training=false"],
+            run,
+        )
+    )
+    cfg = compose_config(
+        "evaluate.yaml",
+        [
+            "extractor=csd",
+            f"extractor.checkpoint={run / 'checkpoints' / 'last.ckpt'}",
+            *bench_overrides(data_dir),
+        ],
+        tmp_path / "eval",
+    )
     metrics = evaluate(cfg)
     for key in ("mAP@1", "mAP@10", "recall@10"):
         assert metrics[key] == pytest.approx(trained[f"test/{key}"], abs=1e-6), key

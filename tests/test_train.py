@@ -11,11 +11,19 @@ import torch
 from omegaconf import open_dict
 
 from src.train import train
-from tests.conftest import CONF, ROOT, compose_config, tiny_diffusion_overrides, tiny_overrides
+from tests.conftest import (
+    CONF,
+    ROOT,
+    compose_config,
+    tiny_diffusion_overrides,
+    tiny_overrides,
+    tiny_text2img_overrides,
+)
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
 CSD_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("csd_")]
-DIFFUSION_EXPERIMENTS = [e for e in EXPERIMENTS if e not in CSD_EXPERIMENTS]
+TEXT2IMG_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith(("t2i_", "sd_"))]
+DIFFUSION_EXPERIMENTS = [e for e in EXPERIMENTS if e not in CSD_EXPERIMENTS + TEXT2IMG_EXPERIMENTS]
 
 
 def run_module(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -106,7 +114,9 @@ def test_every_csd_experiment_runs_a_few_cpu_steps(experiment, data_dir, tiny_cl
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", DIFFUSION_EXPERIMENTS)
 def test_every_diffusion_experiment_trains_samples_and_analyses_replication(experiment, data_dir, tmp_path):
-    cfg = compose_config("train.yaml", [f"experiment={experiment}", *tiny_diffusion_overrides(data_dir)], tmp_path)
+    cfg = compose_config(
+        "train.yaml", [f"experiment={experiment}", *tiny_diffusion_overrides(data_dir)], tmp_path
+    )
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     for target in ("train", "control"):
@@ -123,8 +133,28 @@ def test_every_diffusion_experiment_trains_samples_and_analyses_replication(expe
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("experiment", TEXT2IMG_EXPERIMENTS)
+def test_every_text2img_experiment_trains_samples_and_analyses_replication(experiment, data_dir, tmp_path):
+    cfg = compose_config(
+        "train.yaml", [f"experiment={experiment}", *tiny_text2img_overrides(data_dir)], tmp_path
+    )
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert 0.0 <= metrics["replication/train/sim_gt_thr"] <= 1.0
+    prompts = json.loads((tmp_path / "samples" / "final" / "prompts.json").read_text())
+    assert len(prompts) == 6 and all(prompts.values())
+    assert (tmp_path / "captions_fed.csv").is_file() and (tmp_path / "sampling_weights.json").is_file()
+    report = json.loads((tmp_path / "replication" / "train" / "report.json").read_text())
+    assert report["counts"]["generated"] == 6
+
+
+@pytest.mark.slow
 def test_diffusion_resume_keeps_the_subset_and_refuses_another(data_dir, tmp_path):
-    overrides = ["experiment=ddpm_quickstart", *tiny_diffusion_overrides(data_dir), "callbacks.replication=null"]
+    overrides = [
+        "experiment=ddpm_quickstart",
+        *tiny_diffusion_overrides(data_dir),
+        "callbacks.replication=null",
+    ]
     train(compose_config("train.yaml", overrides, tmp_path / "a"))
     first_index = json.loads((tmp_path / "a" / "subset_index.json").read_text())
     resumed = [*overrides, "trainer.max_steps=4", f"ckpt_path={tmp_path / 'a'}"]
@@ -241,7 +271,9 @@ def test_two_job_multirun_gets_two_run_directories(data_dir, tmp_path):
     metrics = sorted((tmp_path / "train" / "multiruns").glob("*/*/metrics.json"))
     assert len(metrics) == 2 and metrics[0].parent != metrics[1].parent
     assert all("test/mAP@10" in json.loads(m.read_text()) for m in metrics)
-    table = run_module(["experiments/csd_style_retrieval/aggregate.py", str(tmp_path / "train" / "multiruns")])
+    table = run_module(
+        ["experiments/csd_style_retrieval/aggregate.py", str(tmp_path / "train" / "multiruns")]
+    )
     assert table.returncode == 0, table.stderr
     assert "seed=0" in table.stdout and "seed=1" in table.stdout and "| mAP@1 |" in table.stdout
 

@@ -71,11 +71,40 @@ class SampleGrid(Callback):
         if not trainer.is_global_zero:
             return
         seeds = list(range(self.seed, self.seed + self.num_images))
-        images = pl_module.generate(seeds, sampler=self.sampler, steps=self.steps)
+        extra = {}
+        if hasattr(trainer.datamodule, "train_prompts"):  # text-conditional: fixed training prompts
+            extra["prompts"] = trainer.datamodule.train_prompts(self.num_images, seed=self.seed)[0]
+        images = pl_module.generate(seeds, sampler=self.sampler, steps=self.steps, **extra)
         path = Path(trainer.default_root_dir) / "samples" / f"grid_step{trainer.global_step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images, self.columns).save(path)
         log_image_file(trainer, "samples/grid", path)
+
+
+class CaptionLog(Callback):
+    """At the start of training, write `<run>/captions_fed.csv`: `num_draws` training draws with the image, its
+    caption 0 and the caption the model is fed after conditioning, duplication and mitigation (PAPERS.md §2.3-§2.5),
+    and log it as a W&B table. Does nothing for datamodules without `caption_log` (unconditional data)."""
+
+    def __init__(self, num_draws: int = 32):
+        self.num_draws = num_draws
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        datamodule = trainer.datamodule
+        if not trainer.is_global_zero or not hasattr(datamodule, "caption_log"):
+            return
+        rows = datamodule.caption_log(self.num_draws)
+        path = Path(trainer.default_root_dir) / "captions_fed.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "caption_0", "fed"])
+            writer.writerows(rows)
+        log.info("captions fed to the model (first 3 of %d in %s): %s", len(rows), path, rows[:3])
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_table"):  # W&B
+                logger.log_table(key="data/captions_fed", columns=["path", "caption_0", "fed"],
+                                 data=[list(r) for r in rows])  # fmt: skip
 
 
 def read_top1(report_dir: Path) -> list[float]:
@@ -103,20 +132,30 @@ class ReplicationAnalysis(Callback):
     """When training ends: generate `num_images`, then run the replication analysis (src/replication/analysis.py)
     against the module's training images and against held-out control images it never saw (PAPERS.md §1.6).
 
-    The datamodule must expose `root` (folder), `train_files` and `control_files` (paths relative to root), as
-    `ImageFolderDataModule` does. Reports go to `<run>/replication/{train,control}/`, the generations to
-    `<run>/samples/final/`, and a histogram of both to `<run>/replication/train_vs_control.png`. The statistics are
-    logged as `replication/train/<stat>` and `replication/control/<stat>` and land in the run's metrics.json.
+    The datamodule exposes `root` (folder), `train_files` and, when it holds images out, `control_files` (paths
+    relative to root), as `ImageFolderDataModule` does. Reports go to `<run>/replication/{train,control}/`, the
+    generations to `<run>/samples/final/`, a histogram of both to `<run>/replication/train_vs_control.png`. The
+    statistics are logged as `replication/train/<stat>` and `replication/control/<stat>` and land in metrics.json.
+
+    Text-conditional runs (a datamodule with `train_prompts`, as `CaptionedDataModule`): the generations use the
+    training prompts drawn as DCR does (PAPERS.md §2.7, seeded by `prompt_seed`), the reports split the statistics
+    by up-weighted training images when the data saved sampling weights, and `clip_score` / `fid` (options of
+    `analyse_replication`) can be switched on. Each of `inference_mitigations` ({name: gni | rt | cwr | rna, ...},
+    PAPERS.md §2.6) generates again into `samples/final_<name>/` and is reported as `replication/inference_<name>/`.
     """
 
     def __init__(self, extractor, num_images: int = 1000, seed: int = 1_000_000, sampler: str | None = None,
                  steps: int | None = None, batch_size: int = 64, threshold: float = 0.5, k: int = 5,
                  gallery_size: int = 8, control: bool = True, feature_batch_size: int = 64,
-                 cache_dir: str | None = None):  # fmt: skip
+                 cache_dir: str | None = None, prompt_seed: int = 42, inference_mitigations: list | None = None,
+                 clip_score: dict | None = None, fid: dict | None = None):  # fmt: skip
         self.extractor = extractor
         self.num_images, self.seed, self.sampler, self.steps = num_images, seed, sampler, steps
         self.batch_size, self.threshold, self.k, self.gallery_size = batch_size, threshold, k, gallery_size
         self.control, self.feature_batch_size, self.cache_dir = control, feature_batch_size, cache_dir
+        self.prompt_seed = prompt_seed
+        self.inference_mitigations = [dict(m) for m in (inference_mitigations or [])]
+        self.clip_score, self.fid = clip_score, fid
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if (
@@ -136,34 +175,53 @@ class ReplicationAnalysis(Callback):
 
         run_dir = Path(trainer.default_root_dir)
         datamodule = trainer.datamodule
-        generated = generate_to_folder(pl_module, run_dir / "samples" / "final", self.num_images, seed=self.seed,
-                                       sampler=self.sampler, steps=self.steps, batch_size=self.batch_size,
-                                       checkpoint=f"end of training, step {trainer.global_step}")  # fmt: skip
         extractor = self.extractor.to(pl_module.device).eval()
-        sets = {"train": datamodule.train_files}
-        if self.control and datamodule.control_files:
-            sets["control"] = datamodule.control_files
-        elif self.control:
-            log.warning("no control images (data.control_size=0): only the training subset is analysed")
-        metrics, top1 = {}, {}
-        for name, files in sets.items():
-            out = run_dir / "replication" / name
-            stats = analyse_replication(extractor, generated, datamodule.root, out, train_files=files, k=self.k,
-                                        threshold=self.threshold, gallery_size=self.gallery_size,
-                                        batch_size=self.feature_batch_size, device=pl_module.device,
-                                        cache_dir=self.cache_dir)  # fmt: skip
-            metrics.update({f"replication/{name}/{k}": float(v) for k, v in stats.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)})  # fmt: skip
-            top1[name] = read_top1(out)
-            log.info("replication vs %s (%d images): sim_95pc=%.4f sim_gt_thr=%.4f", name, len(files),
-                     stats["sim_95pc"], stats["sim_gt_thr"])  # fmt: skip
+        prompts = weights = None
+        if hasattr(datamodule, "train_prompts"):
+            prompts = datamodule.train_prompts(self.num_images, seed=self.prompt_seed)[0]
+            weights_file = getattr(datamodule.hparams, "weights_file", None)
+            weights = weights_file if weights_file and Path(weights_file).is_file() else None
+        control_files = getattr(datamodule, "control_files", [])
+        if self.control and not control_files:
+            log.warning(
+                "no held-out control images in this datamodule: only the training images are analysed"
+            )
+        variants = [
+            ("train", {"name": "none"}),
+            *((f"inference_{m['name']}", m) for m in self.inference_mitigations),
+        ]
+        metrics, top1, sizes = {}, {}, {}
+        for tag, mitigation in variants:
+            folder = run_dir / "samples" / ("final" if tag == "train" else f"final_{mitigation['name']}")
+            generate_to_folder(pl_module, folder, self.num_images, seed=self.seed, sampler=self.sampler,
+                               steps=self.steps, batch_size=self.batch_size, prompts=prompts,
+                               inference_mitigation=mitigation,
+                               checkpoint=f"end of training, step {trainer.global_step}")  # fmt: skip
+            sets = {tag: datamodule.train_files}
+            if tag == "train" and self.control and control_files:
+                sets["control"] = control_files
+            for name, files in sets.items():
+                out = run_dir / "replication" / name
+                stats = analyse_replication(
+                    extractor, folder, datamodule.root, out, train_files=files, k=self.k, threshold=self.threshold,
+                    gallery_size=self.gallery_size, batch_size=self.feature_batch_size, device=pl_module.device,
+                    cache_dir=self.cache_dir, prompts=folder / "prompts.json" if prompts else None,
+                    sampling_weights=weights if name != "control" else None,
+                    clip_score=self.clip_score if prompts else None, fid=self.fid,
+                )  # fmt: skip
+                metrics.update({f"replication/{name}/{k}": float(v) for k, v in stats.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)})  # fmt: skip
+                top1[name], sizes[name] = read_top1(out), len(files)
+                log.info("replication vs %s (%d images): sim_95pc=%.4f sim_gt_thr=%.4f", name, len(files),
+                         stats["sim_95pc"], stats["sim_gt_thr"])  # fmt: skip
         fig = draw_train_vs_control(top1["train"], top1.get("control"), self.threshold,
-                                    title=f"{len(sets['train'])} training images, step {trainer.global_step}")  # fmt: skip
+                                    title=f"{sizes['train']} training images, step {trainer.global_step}")  # fmt: skip
         path = run_dir / "replication" / "train_vs_control.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
-        (run_dir / "replication" / "summary.json").write_text(json.dumps(
-            {"num_train": len(sets["train"]), "num_control": len(sets.get("control", [])),
-             "num_generated": self.num_images, "step": trainer.global_step, "metrics": metrics}, indent=2))  # fmt: skip
+        summary = {"num_train": sizes["train"], "num_control": sizes.get("control", 0),
+                   "num_generated": self.num_images, "step": trainer.global_step,
+                   "inference_mitigations": self.inference_mitigations, "metrics": metrics}  # fmt: skip
+        (run_dir / "replication" / "summary.json").write_text(json.dumps(summary, indent=2))
         log_image_file(trainer, "replication/train_vs_control", path)
         return metrics

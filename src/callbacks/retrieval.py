@@ -74,8 +74,13 @@ class RetrievalGallery(L.Callback):
         query_paths = [rset.query[int(result["query_index"][r])] for r in rows]
         match_rows = [[int(db_rows[j]) for j in result["top5"][r]] for r in rows]
         match_paths = [[rset.database[j] for j in row] for row in match_rows]
-        hits = [[bool((rset.query_labels[int(result["query_index"][r])] & rset.database_labels[j]).any()) for j in row]
-                for r, row in zip(rows, match_rows, strict=True)]
+        hits = [
+            [
+                bool((rset.query_labels[int(result["query_index"][r])] & rset.database_labels[j]).any())
+                for j in row
+            ]
+            for r, row in zip(rows, match_rows, strict=True)
+        ]
         titles = [rset.label_names[int(first_label[r])][:24] for r in rows]
         fig = draw_retrieval_gallery(rset.root, query_paths, match_paths, hits, titles)
         path = Path(trainer.default_root_dir) / "galleries" / f"{stage}_step{trainer.global_step:07d}.png"
@@ -102,11 +107,15 @@ class SaveEmbeddings(L.Callback):
         rset = result["set"]
         path = save_embeddings(
             Path(trainer.default_root_dir) / "embeddings" / "test.npz",
-            result["query_embeddings"], result["database_embeddings"],
-            rset.query_labels[result["query_index"]], rset.database_labels[result["database_index"]],
+            result["query_embeddings"],
+            result["database_embeddings"],
+            rset.query_labels[result["query_index"]],
+            rset.database_labels[result["database_index"]],
             rset.label_names,
             [rset.query[i] for i in result["query_index"].tolist()],
             [rset.database[i] for i in result["database_index"].tolist()],
-            root=rset.root, descriptor=f"csd:{pl_module.hparams.backbone.get('name')}", half=self.half,
+            root=rset.root,
+            descriptor=f"csd:{pl_module.hparams.backbone.get('name')}",
+            half=self.half,
         )
         log.info(f"Saved test embeddings to {path}")

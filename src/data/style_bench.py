@@ -308,13 +308,15 @@ def build_style_bench(
     return final
 
 
-def load_style_bench(root, seed: int = 0, image_size: int = 96, images_per_style: int = 250,
-                     num_workers: int = 2):
+def load_style_bench(
+    root, seed: int = 0, image_size: int = 96, images_per_style: int = 250, num_workers: int = 2
+):
     """The benchmark's query/database split as a `RetrievalSet` (built on first use): `conf/benchmark/style_bench.yaml`."""
     from src.data.retrieval import load_retrieval_csv
 
-    folder = build_style_bench(root, seed=seed, image_size=image_size, images_per_style=images_per_style,
-                               num_workers=num_workers)
+    folder = build_style_bench(
+        root, seed=seed, image_size=image_size, images_per_style=images_per_style, num_workers=num_workers
+    )
     return load_retrieval_csv(folder / "retrieval.csv", root=folder)
 
 

@@ -194,8 +194,10 @@ class StyleDataModule(L.LightningDataModule):
         try:
             return self._read_benchmark()
         except FileNotFoundError as error:  # say which config keys point there
-            raise FileNotFoundError(f"{error} (set by data.val_root / data.val_csv / data.val_split_file with "
-                                    f"data.val_format={self.hparams.val_format})") from error
+            raise FileNotFoundError(
+                f"{error} (set by data.val_root / data.val_csv / data.val_split_file with "
+                f"data.val_format={self.hparams.val_format})"
+            ) from error
 
     def _read_benchmark(self) -> RetrievalSet:
         hp = self.hparams

@@ -108,14 +108,24 @@ class CSDModule(L.LightningModule):
         self.optim_cfg = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
         self.sched_cfg = {**DEFAULT_SCHEDULER, **(scheduler or {})}
         if self.loss_cfg["label_mask"] not in ("count", "binary"):
-            raise ValueError(f"model.loss.label_mask={self.loss_cfg['label_mask']!r}: expected 'count' or 'binary'.")
+            raise ValueError(
+                f"model.loss.label_mask={self.loss_cfg['label_mask']!r}: expected 'count' or 'binary'."
+            )
         if self.sched_cfg["name"] not in SCHEDULES:
             raise ValueError(f"model.scheduler.name={self.sched_cfg['name']!r}: expected one of {SCHEDULES}.")
-        if not self.loss_cfg["adversarial"] and self.loss_cfg["lambda_c"] > 0 and self.loss_cfg["clamp_content_loss"] is None:
-            raise ValueError("model.loss.adversarial=false negates the content loss, which is unbounded below: "
-                             "set model.loss.clamp_content_loss (e.g. 3.0).")
+        if (
+            not self.loss_cfg["adversarial"]
+            and self.loss_cfg["lambda_c"] > 0
+            and self.loss_cfg["clamp_content_loss"] is None
+        ):
+            raise ValueError(
+                "model.loss.adversarial=false negates the content loss, which is unbounded below: "
+                "set model.loss.clamp_content_loss (e.g. 3.0)."
+            )
         self.net = CSDNet(build_backbone(**backbone), embed_dim, content_head)
-        if self.loss_cfg["lambda_c"] == 0:  # the content branch is off (official default): keep DDP free of unused params
+        if (
+            self.loss_cfg["lambda_c"] == 0
+        ):  # the content branch is off (official default): keep DDP free of unused params
             self.net.content_head.requires_grad_(False)
         self.eval_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.last_retrieval: dict | None = None
@@ -153,7 +163,9 @@ class CSDModule(L.LightningModule):
         num_views = images.shape[1]
         with_content = self.loss_cfg["lambda_c"] > 0
         if with_content and num_views < 3:
-            raise ValueError("model.loss.lambda_c > 0 needs the photometric view: set data.content_view=true.")
+            raise ValueError(
+                "model.loss.lambda_c > 0 needs the photometric view: set data.content_view=true."
+            )
         progress = self.global_step / max(1, self.trainer.estimated_stepping_batches)
         alpha = dann_alpha(progress) if self.loss_cfg["adversarial"] else None
         _, style, content = self.net(images.flatten(0, 1), with_content=with_content, reverse_alpha=alpha)
@@ -184,16 +196,30 @@ class CSDModule(L.LightningModule):
 
     def configure_optimizers(self):
         o, s = self.optim_cfg, self.sched_cfg
-        global_batch = self.hparams.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        global_batch = (
+            self.hparams.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        )
         scale = global_batch / o["reference_batch"] if o["scale_lr"] else 1.0
         decay, no_decay = [], []
         for p in self.net.backbone.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
-        heads = [p for m in (self.net.style_head, self.net.content_head) for p in m.parameters() if p.requires_grad]
+        heads = [
+            p for m in (self.net.style_head, self.net.content_head) for p in m.parameters() if p.requires_grad
+        ]
         groups = [
-            {"params": decay, "lr": o["lr_backbone"] * scale, "weight_decay": o["weight_decay"], "name": "backbone"},
-            {"params": no_decay, "lr": o["lr_backbone"] * scale, "weight_decay": 0.0, "name": "backbone_no_decay"},
+            {
+                "params": decay,
+                "lr": o["lr_backbone"] * scale,
+                "weight_decay": o["weight_decay"],
+                "name": "backbone",
+            },
+            {
+                "params": no_decay,
+                "lr": o["lr_backbone"] * scale,
+                "weight_decay": 0.0,
+                "name": "backbone_no_decay",
+            },
             {"params": heads, "lr": o["lr"] * scale, "weight_decay": 0.0, "name": "heads"},
         ]
         if o["name"] == "sgd":
@@ -204,7 +230,11 @@ class CSDModule(L.LightningModule):
             raise ValueError(f"model.optimizer.name={o['name']!r}: expected 'sgd' or 'adamw'.")
         total = self.trainer.estimated_stepping_batches
         factors = [
-            (lambda step, base=g["lr"]: lr_factor(step, s["name"], s["warmup_steps"], total, s["min_lr"] / base))
+            (
+                lambda step, base=g["lr"]: lr_factor(
+                    step, s["name"], s["warmup_steps"], total, s["min_lr"] / base
+                )
+            )
             for g in groups
         ]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
@@ -240,12 +270,16 @@ class CSDModule(L.LightningModule):
         keep[1:] = indices[1:] != indices[:-1]
         indices, embeddings = indices[keep], embeddings[keep]
         num_query = len(retrieval_set.query)
-        labels = torch.cat([retrieval_set.query_labels, retrieval_set.database_labels]).to(indices.device)[indices]
+        labels = torch.cat([retrieval_set.query_labels, retrieval_set.database_labels]).to(indices.device)[
+            indices
+        ]
         is_query = indices < num_query
         if is_query.sum() == 0 or (~is_query).sum() == 0:
             raise RuntimeError(f"{stage}: no readable query or database image left to score retrieval.")
         ks = tuple(self.hparams.eval_ks)
-        metrics = retrieval_metrics(embeddings[is_query], embeddings[~is_query], labels[is_query], labels[~is_query], ks)
+        metrics = retrieval_metrics(
+            embeddings[is_query], embeddings[~is_query], labels[is_query], labels[~is_query], ks
+        )
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=False)
         self.log(f"{stage}/num_scored", float(len(indices)))
         _, top = retrieval_topk(embeddings[is_query], embeddings[~is_query], k=min(5, int((~is_query).sum())))
@@ -267,5 +301,7 @@ class CSDModule(L.LightningModule):
             mine = {k: self.hparams.backbone.get(k) for k in keys}
             theirs = {k: saved.get(k) for k in keys}
             if mine != theirs:
-                raise ValueError(f"Checkpoint was trained with backbone {theirs}, but this run builds {mine}: "
-                                 "resume with the same model.backbone, or start a new run without ckpt_path.")
+                raise ValueError(
+                    f"Checkpoint was trained with backbone {theirs}, but this run builds {mine}: "
+                    "resume with the same model.backbone, or start a new run without ckpt_path."
+                )

@@ -11,12 +11,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
-from diffusers.optimization import get_scheduler
 from torch.optim.swa_utils import AveragedModel
 
 from src.nn.diffusion import (
     SAMPLERS,
     build_noise_scheduler,
+    build_optimizer,
     build_sampler,
     check_choice,
     ema_with_warmup,
@@ -25,8 +25,6 @@ from src.nn.diffusion import (
     training_target,
 )
 from src.utils.guards import stop_on_nonfinite_loss
-
-LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
 class DDPMModule(L.LightningModule):
@@ -48,15 +46,7 @@ class DDPMModule(L.LightningModule):
         if ema_decay:
             self.ema = AveragedModel(self.unet, multi_avg_fn=ema_with_warmup(ema_decay))
             self.ema.requires_grad_(False)  # not trained: DDP and the optimizer must not see it
-        self.optim_cfg = {
-            "lr": 1e-4,
-            "betas": (0.9, 0.999),
-            "weight_decay": 0.0,
-            "eps": 1e-8,
-            **(optimizer or {}),
-        }
-        self.sched_cfg = {"name": "constant_with_warmup", "warmup_steps": 500, **(scheduler or {})}
-        check_choice("model.scheduler.name", self.sched_cfg["name"], LR_SCHEDULES)
+        self.optim_cfg, self.sched_cfg = optimizer or {}, scheduler or {}
         self._ema_step = -1
 
     # ---- training ------------------------------------------------------------------------------------------------
@@ -86,16 +76,8 @@ class DDPMModule(L.LightningModule):
             self.ema.update_parameters(self.unet)
 
     def configure_optimizers(self):
-        o, s = self.optim_cfg, self.sched_cfg
-        decay = [p for p in self.unet.parameters() if p.ndim > 1]
-        no_decay = [p for p in self.unet.parameters() if p.ndim <= 1]  # biases and norms
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
-        )  # fmt: skip
-        scheduler = get_scheduler(s["name"], optimizer, num_warmup_steps=s["warmup_steps"],
-                                  num_training_steps=self.trainer.estimated_stepping_batches)  # fmt: skip
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return build_optimizer(self.unet.parameters(), self.optim_cfg, self.sched_cfg,
+                               self.trainer.estimated_stepping_batches)  # fmt: skip
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["module_class"] = (

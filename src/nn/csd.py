@@ -61,7 +61,9 @@ class CSDNet(nn.Module):
     def __init__(self, backbone: Backbone, embed_dim: int | None = None, content_head: str = "copy"):
         super().__init__()
         if content_head not in ("copy", "custom"):
-            raise ValueError(f"model.content_head={content_head!r}: expected 'copy' (CLIP proj copy) or 'custom'.")
+            raise ValueError(
+                f"model.content_head={content_head!r}: expected 'copy' (CLIP proj copy) or 'custom'."
+            )
         self.backbone = backbone.model
         self.style_head = make_linear_head(backbone, embed_dim)
         if content_head == "copy":
@@ -113,13 +115,20 @@ def load_csd(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, di
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if "hyper_parameters" in ckpt and "state_dict" in ckpt:
         hp = ckpt["hyper_parameters"]
-        backbone_cfg = dict(hp["backbone"], pretrained=None)  # weights come from the checkpoint, not a download
+        backbone_cfg = dict(
+            hp["backbone"], pretrained=None
+        )  # weights come from the checkpoint, not a download
         backbone = build_backbone(**backbone_cfg)
         net = CSDNet(backbone, hp.get("embed_dim"), hp.get("content_head", "copy"))
-        state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+        state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
         net.load_state_dict(state)
     elif "model_state_dict" in ckpt:
-        backbone_cfg = {"name": "ViT-L-14", "source": "open_clip", "pretrained": None, "force_quick_gelu": True}
+        backbone_cfg = {
+            "name": "ViT-L-14",
+            "source": "open_clip",
+            "pretrained": None,
+            "force_quick_gelu": True,
+        }
         backbone = build_backbone(**backbone_cfg)
         net = CSDNet(backbone)
         state = ckpt["model_state_dict"]
@@ -140,7 +149,14 @@ def load_csd(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, di
             f"{path}: not a CSD checkpoint (expected our Lightning .ckpt with 'hyper_parameters' and 'state_dict', "
             f"or the official release with 'model_state_dict'); found keys {sorted(ckpt)[:8]}."
         )
-    info = {"image_size": backbone.image_size, "mean": backbone.mean, "std": backbone.std, "backbone": backbone_cfg}
+    info = {
+        "image_size": backbone.image_size,
+        "mean": backbone.mean,
+        "std": backbone.std,
+        "backbone": backbone_cfg,
+    }
     # Our checkpoints record the preprocessing the descriptor was trained with; it wins over the backbone default.
-    info.update({k: v for k, v in ckpt.get("hyper_parameters", {}).get("preprocess", {}).items() if v is not None})
+    info.update(
+        {k: v for k, v in ckpt.get("hyper_parameters", {}).get("preprocess", {}).items() if v is not None}
+    )
     return StyleEmbedder(net).eval(), info

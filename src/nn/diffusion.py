@@ -51,6 +51,28 @@ def training_target(noise_scheduler, clean: torch.Tensor, noise: torch.Tensor, t
     raise ValueError(f"prediction_type={kind!r} is not known; valid: {', '.join(PREDICTION_TYPES)}")
 
 
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+OPTIMIZER_DEFAULTS = {"lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 0.0, "eps": 1e-8}
+SCHEDULE_DEFAULTS = {"name": "constant_with_warmup", "warmup_steps": 500}
+
+
+def build_optimizer(parameters, optimizer: dict, scheduler: dict, total_steps: int) -> dict:
+    """AdamW (weight decay on matrices and convolutions only, not on biases and norms) and a diffusers learning-rate
+    schedule with warm-up (`get_scheduler`), as Lightning's `configure_optimizers` returns them."""
+    from diffusers.optimization import get_scheduler
+
+    o, s = {**OPTIMIZER_DEFAULTS, **optimizer}, {**SCHEDULE_DEFAULTS, **scheduler}
+    check_choice("model.scheduler.name", s["name"], LR_SCHEDULES)
+    parameters = [p for p in parameters if p.requires_grad]
+    groups = [{"params": [p for p in parameters if p.ndim > 1], "weight_decay": o["weight_decay"]},
+              {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0}]  # fmt: skip
+    adamw = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
+    schedule = get_scheduler(
+        s["name"], adamw, num_warmup_steps=s["warmup_steps"], num_training_steps=total_steps
+    )
+    return {"optimizer": adamw, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
     """One CPU generator per image: noise drawn on the CPU is the same on any device and in any batch."""
     return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
@@ -59,7 +81,8 @@ def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
 @torch.no_grad()
 def sample_loop(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sampler, shape: tuple,
                 seeds: list[int], steps: int, device, dtype=torch.float32, progress: bool = False) -> torch.Tensor:  # fmt: skip
-    """Reverse diffusion from seeded Gaussian noise: (B, C, H, W) samples in [-1, 1] (clamped), B = len(seeds).
+    """Reverse diffusion from seeded Gaussian noise: (B, C, H, W) samples (pixels in about [-1, 1], or latents),
+    B = len(seeds).
 
     denoise(x_t, t) returns the network's prediction (of the schedule's prediction type) for the batch; wrap the
     network there for classifier-free guidance or conditioning. `sampler.set_timesteps(steps)` picks the timesteps
@@ -75,7 +98,7 @@ def sample_loop(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], s
         model_input = sampler.scale_model_input(x, t)
         prediction = denoise(model_input, t)
         x = sampler.step(prediction, t, x, generator=generators).prev_sample
-    return x.clamp(-1, 1)
+    return x
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

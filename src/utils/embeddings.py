@@ -10,9 +10,19 @@ import numpy as np
 import torch
 
 
-def save_embeddings(path: str | Path, query, database, query_labels, database_labels, label_names,
-                    query_paths, database_paths, root: str | Path = "", descriptor: str = "",
-                    half: bool = False) -> Path:
+def save_embeddings(
+    path: str | Path,
+    query,
+    database,
+    query_labels,
+    database_labels,
+    label_names,
+    query_paths,
+    database_paths,
+    root: str | Path = "",
+    descriptor: str = "",
+    half: bool = False,
+) -> Path:
     """Write the embeddings file; `half=True` stores float16 (as the official CSD code does) to halve the size."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,12 +33,15 @@ def save_embeddings(path: str | Path, query, database, query_labels, database_la
 
     np.savez(
         path,
-        query=arr(query, dtype), database=arr(database, dtype),
-        query_labels=arr(query_labels, bool), database_labels=arr(database_labels, bool),
+        query=arr(query, dtype),
+        database=arr(database, dtype),
+        query_labels=arr(query_labels, bool),
+        database_labels=arr(database_labels, bool),
         label_names=np.asarray(label_names, dtype=str),
         query_paths=np.asarray([str(p) for p in query_paths], dtype=str),
         database_paths=np.asarray([str(p) for p in database_paths], dtype=str),
-        root=np.asarray(str(root)), descriptor=np.asarray(descriptor),
+        root=np.asarray(str(root)),
+        descriptor=np.asarray(descriptor),
     )
     return path
 
@@ -37,8 +50,10 @@ def load_embeddings(path: str | Path) -> dict:
     """Read a file written by `save_embeddings`; embeddings come back as float32 torch tensors, labels as bool."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No embeddings file at {path} (written by `python -m src.evaluate save_embeddings=true` "
-                                "or by a training run's test stage as <run>/embeddings/test.npz).")
+        raise FileNotFoundError(
+            f"No embeddings file at {path} (written by `python -m src.evaluate save_embeddings=true` "
+            "or by a training run's test stage as <run>/embeddings/test.npz)."
+        )
     with np.load(path, allow_pickle=False) as data:
         out = {k: data[k] for k in data.files}
     for key in ("query", "database"):

@@ -50,9 +50,15 @@ def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
         if not isinstance(logger_cfg, DictConfig) or "_target_" not in logger_cfg:
             continue
         if "WandbLogger" in logger_cfg._target_:
-            if os.environ.get("WANDB_MODE") is None and not wandb_has_credentials() and not logger_cfg.get("offline"):
-                log.warning("No W&B credentials found (WANDB_API_KEY or `wandb login`): logging offline. "
-                            "Upload later with `wandb sync <run dir>/wandb/offline-run-*`.")
+            if (
+                os.environ.get("WANDB_MODE") is None
+                and not wandb_has_credentials()
+                and not logger_cfg.get("offline")
+            ):
+                log.warning(
+                    "No W&B credentials found (WANDB_API_KEY or `wandb login`): logging offline. "
+                    "Upload later with `wandb sync <run dir>/wandb/offline-run-*`."
+                )
                 logger_cfg = OmegaConf.merge(logger_cfg, {"offline": True})
             Path(logger_cfg.save_dir).mkdir(parents=True, exist_ok=True)
         log.info(f"Instantiating logger <{name}: {logger_cfg._target_}>")
