@@ -206,12 +206,9 @@ def test_aggregate_writes_the_study_of_a_multirun(study, tmp_path, capsys):
     for row in rows:
         run_dir = study["multirun"] / str(SUBSET_SIZES.index(int(row["subset_size"])))
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        assert (row["control_size"], row["steps"], row["num_generated"], row["threshold"]) == (
-            "8",
-            "2",
-            "6",
-            "0.5",
-        )
+        report = json.loads((run_dir / "replication" / "train" / "report.json").read_text())
+        assert (row["control_size"], row["steps"], row["num_generated"]) == ("8", "2", "6")
+        assert float(row["threshold"]) == report["threshold"] == 0.9  # the quickstart's pixel threshold
         for column in ("train_sim_mean", "train_sim_95pc", "train_sim_gt_thr", "control_sim_95pc"):
             assert float(row[column]) == pytest.approx(
                 metrics[f"replication/{column.replace('_', '/', 1)}"], abs=1e-6
