@@ -87,6 +87,7 @@ class Text2ImageModule(L.LightningModule):
             self.ema.requires_grad_(False)
         self.optim_cfg, self.sched_cfg = optimizer or {}, scheduler or {}
         self._ema_step = -1
+        self._empty = None
 
     # ---- conditioning ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -94,6 +95,12 @@ class Text2ImageModule(L.LightningModule):
         """(B, L, D) frozen text-encoder hidden states of the prompts."""
         self.text_encoder.eval()
         return self.text_encoder(self.text_encoder.tokenize(prompts).to(self.device))
+
+    def empty_prompt(self) -> torch.Tensor:
+        """(1, L, D) embedding of the empty prompt, computed once per device (the text encoder is frozen)."""
+        if self._empty is None or self._empty.device != self.device:
+            self._empty = self.encode_prompts([""])
+        return self._empty
 
     def latent_size(self) -> int:
         return self.hparams.image_size // (2 ** (len(self.vae.config.block_out_channels) - 1)) if self.vae else \
@@ -111,7 +118,7 @@ class Text2ImageModule(L.LightningModule):
         text = self.encode_prompts(captions)
         if self.hparams.prompt_dropout:
             drop = torch.rand(len(captions), device=self.device) < self.hparams.prompt_dropout
-            text = torch.where(drop[:, None, None], self.encode_prompts([""]).expand_as(text), text)
+            text = torch.where(drop[:, None, None], self.empty_prompt().expand_as(text), text)
         if self.embedding_noise:  # the GN mitigation (PAPERS.md §2.5)
             text = text + self.embedding_noise * torch.randn_like(text)
         noise = torch.randn_like(clean)
@@ -161,7 +168,7 @@ class Text2ImageModule(L.LightningModule):
         hp = self.hparams
         scale = hp.guidance_scale if guidance_scale is None else guidance_scale
         cond = self.encode_prompts(prompts)
-        uncond = self.encode_prompts([""] * len(prompts))
+        uncond = self.empty_prompt().expand_as(cond)
         if embedding_noise:
             rows = [noise_text_embeddings(torch.stack([u, c]).cpu(), embedding_noise,
                                           torch.Generator().manual_seed(int(seed) + 104_729))
