@@ -111,6 +111,110 @@ def tiny_text2img_overrides(data_dir: Path, subset_size: int = 8) -> list[str]:
     ]
 
 
+TINY_SD = {"image_size": 16, "text_dim": 32, "max_length": 16, "scaling_factor": 0.18215}
+
+
+def _clip_byte_chars() -> list[str]:
+    """The 256 printable stand-ins of the bytes in byte-level BPE (GPT-2 / CLIP `bytes_to_unicode`)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+
+
+def write_tiny_clip_tokenizer(folder: Path, max_length: int) -> int:
+    """A minimal CLIP BPE tokenizer in the layout of a Stable Diffusion `tokenizer/` folder (vocab.json,
+    merges.txt, tokenizer_config.json): the 256 byte characters, each also with the end-of-word `</w>`, a few
+    merges, `<|startoftext|>` and `<|endoftext|>`. Returns the vocabulary size."""
+    import json
+
+    chars = _clip_byte_chars()
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("o", "n</w>"), ("a", "n</w>")]
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(pair) for pair in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
+              "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return len(tokens)
+
+
+def write_tiny_stable_diffusion(root: Path) -> Path:
+    """A random, tiny diffusers Stable Diffusion directory (unet/ vae/ text_encoder/ tokenizer/ scheduler/) laid out
+    as `stabilityai/stable-diffusion-2-1`: v-prediction DDPM scheduler with SD's scaled-linear betas, a 2-level VAE
+    (16 px images -> 4 x 8 x 8 latents), a 2-level UNet2DConditionModel cross-attending to a 2-layer CLIP text
+    model of width 32 (16 tokens)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch = __import__("torch")
+    torch.manual_seed(0)
+    vocab_size = write_tiny_clip_tokenizer(root / "tokenizer", TINY_SD["max_length"])
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    text_config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=TINY_SD["text_dim"], intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=2,
+                                 max_position_embeddings=TINY_SD["max_length"], bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    CLIPTextModel(text_config).save_pretrained(root / "text_encoder")
+    AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=TINY_SD["image_size"],
+        scaling_factor=TINY_SD["scaling_factor"],
+    ).save_pretrained(root / "vae")  # fmt: skip
+    UNet2DConditionModel(
+        sample_size=TINY_SD["image_size"] // 2, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TINY_SD["text_dim"],
+        norm_num_groups=8, attention_head_dim=8,
+    ).save_pretrained(root / "unet")  # fmt: skip
+    DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        prediction_type="v_prediction", clip_sample=False, steps_offset=1,
+    ).save_pretrained(root / "scheduler")  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion 2.1-like diffusers directory (built once per test session)."""
+    return write_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd"))
+
+
+def tiny_sd_overrides(data_dir: Path, sd_dir: Path, subset_size: int = 8) -> list[str]:
+    """Overrides that make any Stable Diffusion fine-tuning config (`sd_*`) run a few CPU steps of the tiny SD
+    directory on the embedded captioned faces at 16 px, with a tiny replication analysis (pixels extractor)."""
+    return [
+        f"paths.data_dir={data_dir}",
+        f"model.pretrained={sd_dir}",
+        "data.root=embedded_faces",
+        "data.captions=null",
+        f"data.subset_size={subset_size}",
+        f"data.image_size={TINY_SD['image_size']}",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "model.sample_steps=2",
+        "model.scheduler.warmup_steps=1",
+        "extractor=pixels",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.precision=32-true",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "+trainer.enable_model_summary=false",
+        "logger=csv",
+        "callbacks.sample_grid.num_images=4",
+        "callbacks.replication.num_images=6",
+        "callbacks.replication.batch_size=6",
+    ]
+
+
 def compose_config(config_name: str, overrides: list[str], output_dir: Path):
     """Compose a config as `python -m src.<entry>` would, with the run directory set to `output_dir`."""
     GlobalHydra.instance().clear()

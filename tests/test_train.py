@@ -17,6 +17,7 @@ from tests.conftest import (
     compose_config,
     tiny_diffusion_overrides,
     tiny_overrides,
+    tiny_sd_overrides,
     tiny_text2img_overrides,
 )
 
@@ -134,10 +135,14 @@ def test_every_diffusion_experiment_trains_samples_and_analyses_replication(expe
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", TEXT2IMG_EXPERIMENTS)
-def test_every_text2img_experiment_trains_samples_and_analyses_replication(experiment, data_dir, tmp_path):
-    cfg = compose_config(
-        "train.yaml", [f"experiment={experiment}", *tiny_text2img_overrides(data_dir)], tmp_path
-    )
+def test_every_text2img_experiment_trains_samples_and_analyses_replication(
+    experiment, data_dir, tiny_sd_dir, tmp_path
+):
+    if experiment.startswith("sd_"):  # Stable Diffusion fine-tuning: the tiny SD directory at 16 px
+        overrides = tiny_sd_overrides(data_dir, tiny_sd_dir)
+    else:
+        overrides = tiny_text2img_overrides(data_dir)
+    cfg = compose_config("train.yaml", [f"experiment={experiment}", *overrides], tmp_path)
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert 0.0 <= metrics["replication/train/sim_gt_thr"] <= 1.0
