@@ -53,6 +53,24 @@ def tiny_overrides(data_dir: Path, bench: bool = True, devices: int = 1) -> list
     return overrides
 
 
+# Two CPU steps, 2-step sampling, a six-image replication analysis with pixel features: any diffusion config.
+TINY_DIFFUSION_RUN = [
+    "model.sample_steps=2",
+    "model.scheduler.warmup_steps=1",
+    "extractor=pixels",
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "trainer.precision=32-true",
+    "trainer.max_steps=2",
+    "trainer.log_every_n_steps=1",
+    "+trainer.enable_model_summary=false",
+    "logger=csv",
+    "callbacks.sample_grid.num_images=4",
+    "callbacks.replication.num_images=6",
+    "callbacks.replication.batch_size=6",
+]
+
+
 def tiny_diffusion_overrides(data_dir: Path, subset_size: int = 8) -> list[str]:
     """Overrides that make any DDPM config run a few CPU steps on the embedded faces, with a tiny replication
     analysis (pixels extractor, a handful of 2-step DDIM samples)."""
@@ -66,19 +84,7 @@ def tiny_diffusion_overrides(data_dir: Path, subset_size: int = 8) -> list[str]:
         "data.num_workers=0",
         "data.pin_memory=false",
         "model/unet=tiny",
-        "model.sample_steps=2",
-        "model.scheduler.warmup_steps=1",
-        "extractor=pixels",
-        "trainer.accelerator=cpu",
-        "trainer.devices=1",
-        "trainer.precision=32-true",
-        "trainer.max_steps=2",
-        "trainer.log_every_n_steps=1",
-        "+trainer.enable_model_summary=false",
-        "logger=csv",
-        "callbacks.sample_grid.num_images=4",
-        "callbacks.replication.num_images=6",
-        "callbacks.replication.batch_size=6",
+        *TINY_DIFFUSION_RUN,
     ]
 
 
@@ -95,19 +101,7 @@ def tiny_text2img_overrides(data_dir: Path, subset_size: int = 8) -> list[str]:
         "model/cond_unet=tiny",
         "model.text_encoder.width=32",
         "model.text_encoder.heads=2",
-        "model.sample_steps=2",
-        "model.scheduler.warmup_steps=1",
-        "extractor=pixels",
-        "trainer.accelerator=cpu",
-        "trainer.devices=1",
-        "trainer.precision=32-true",
-        "trainer.max_steps=2",
-        "trainer.log_every_n_steps=1",
-        "+trainer.enable_model_summary=false",
-        "logger=csv",
-        "callbacks.sample_grid.num_images=4",
-        "callbacks.replication.num_images=6",
-        "callbacks.replication.batch_size=6",
+        *TINY_DIFFUSION_RUN,
     ]
 
 
@@ -199,19 +193,7 @@ def tiny_sd_overrides(data_dir: Path, sd_dir: Path, subset_size: int = 8) -> lis
         "data.batch_size=4",
         "data.num_workers=0",
         "data.pin_memory=false",
-        "model.sample_steps=2",
-        "model.scheduler.warmup_steps=1",
-        "extractor=pixels",
-        "trainer.accelerator=cpu",
-        "trainer.devices=1",
-        "trainer.precision=32-true",
-        "trainer.max_steps=2",
-        "trainer.log_every_n_steps=1",
-        "+trainer.enable_model_summary=false",
-        "logger=csv",
-        "callbacks.sample_grid.num_images=4",
-        "callbacks.replication.num_images=6",
-        "callbacks.replication.batch_size=6",
+        *TINY_DIFFUSION_RUN,
     ]
 
 
