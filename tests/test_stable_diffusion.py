@@ -100,6 +100,9 @@ def test_a_lightning_checkpoint_reloads(module, tmp_path):
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     trainer.save_checkpoint(tmp_path / "last.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(k.startswith("unet.") for k in saved)
+    assert not any(k.startswith(("vae.", "text_encoder.")) for k in saved)  # rebuilt from the SD directory
     reloaded = Text2ImageModule.load_from_checkpoint(tmp_path / "last.ckpt")
     untrained = Text2ImageModule(pretrained=module.hparams.pretrained, image_size=TINY_SD["image_size"])
     assert not all(

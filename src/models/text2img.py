@@ -38,6 +38,7 @@ from src.nn.text_encoders import build_text_encoder
 from src.utils.guards import stop_on_nonfinite_loss
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+FROZEN_PRETRAINED = ("vae.", "text_encoder.")  # state-dict prefixes of the frozen Stable Diffusion parts
 
 
 def check_stable_diffusion_dir(path) -> Path:
@@ -150,6 +151,19 @@ class Text2ImageModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["module_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        if (
+            self.hparams.pretrained
+        ):  # frozen SD parts are rebuilt from the directory: keep them out (~400M params)
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith(FROZEN_PRETRAINED)]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.hparams.pretrained:  # put back the frozen parts this module just loaded from the directory
+            state = checkpoint["state_dict"]
+            for key, value in self.state_dict().items():
+                if key.startswith(FROZEN_PRETRAINED):
+                    state.setdefault(key, value)
 
     # ---- sampling ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
