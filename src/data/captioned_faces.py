@@ -21,15 +21,12 @@ without the name (independent captioners do not share a name for a person), used
 
 import json
 import logging
-import os
-import shutil
-import uuid
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from src.data.faces import NUM_FACES, face_images
+from src.data.faces import NUM_FACES, build_atomically, face_images
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +116,13 @@ def build_captioned_faces(root, image_size: int = 32, force: bool = False) -> Pa
     """
     if image_size < 8:
         raise ValueError(f"image_size must be at least 8 px; got {image_size}")
-    root = Path(root)
     name = f"captioned_faces_px{image_size}_{VERSION}"
-    final = root / name
-    if final.exists() and not force:
-        if (final / "meta.json").is_file():
-            return final
-        raise RuntimeError(f"{final} exists but has no meta.json (an interrupted build?); remove it")
 
-    grey = np.stack([np.asarray(face)[..., 0] for face in face_images(NATIVE_SIZE)]) / 255.0  # (100, 25, 25)
-    attributes = face_attributes(grey)
-    tmp = root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    def write(tmp: Path) -> dict:
+        grey = (
+            np.stack([np.asarray(face)[..., 0] for face in face_images(NATIVE_SIZE)]) / 255.0
+        )  # (100, 25, 25)
+        attributes = face_attributes(grey)
         for class_name in CLASS_NAMES:
             (tmp / IMAGES_DIR / class_name).mkdir(parents=True)
         captions, records = {}, {}
@@ -140,7 +132,8 @@ def build_captioned_faces(root, image_size: int = 32, force: bool = False) -> Pa
             captions[path] = face_captions(i, attributes[i])
             records[path] = {"name": face_name(i), **attributes[i]}
         (tmp / CAPTIONS_FILE).write_text(json.dumps(captions, indent=1) + "\n")
-        meta = {
+        log.info("embedded captioned faces: writing %s (%d images at %d px)", name, NUM_FACES, image_size)
+        return {
             "name": name,
             "source": "skimage.data.lfw_subset()[:100] (Labeled Faces in the Wild, 25 px grayscale); "
             "captions from pixel attributes (src/data/captioned_faces.py)",
@@ -151,17 +144,5 @@ def build_captioned_faces(root, image_size: int = 32, force: bool = False) -> Pa
             "attributes": records,
             "versions": {p: metadata.version(p) for p in ("scikit-image", "pillow")},
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if force and final.exists():
-            shutil.rmtree(final)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not (final / "meta.json").is_file():
-                raise
-            shutil.rmtree(tmp)  # another process finished first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("embedded captioned faces: built %s (%d images at %d px)", final, NUM_FACES, image_size)
-    return final
+
+    return build_atomically(root, name, write, force)

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -38,34 +39,21 @@ def face_images(image_size: int = 32) -> list[Image.Image]:
     return images
 
 
-def build_embedded_faces(root, image_size: int = 32, force: bool = False) -> Path:
-    """Write the faces under `root` (or reuse a complete earlier build) and return the image folder.
-
-    Deterministic and atomic like the style benchmark: written into a temporary sibling folder renamed into place
-    once meta.json exists, so an interrupted build is never mistaken for a complete one.
-    """
-    if image_size < 8:
-        raise ValueError(f"image_size must be at least 8 px; got {image_size}")
-    root = Path(root)
-    name = f"faces_px{image_size}_{VERSION}"
-    final = root / name
+def build_atomically(root, name: str, write: Callable[[Path], dict], force: bool = False) -> Path:
+    """`root/name`, built by `write(tmp)` (which fills the temporary folder `tmp` and returns the meta.json content)
+    unless a complete build (one with meta.json) is already there. Atomic: written into a temporary sibling folder
+    renamed into place once meta.json exists, so an interrupted build is never mistaken for a complete one; when two
+    processes race, the first rename wins. `force` rebuilds."""
+    final = Path(root) / name
     if final.exists() and not force:
         if (final / "meta.json").is_file():
-            return final / "images"
+            return final
         raise RuntimeError(f"{final} exists but has no meta.json (an interrupted build?); remove it")
-    tmp = root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = Path(root) / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        (tmp / "images").mkdir(parents=True)
-        for i, image in enumerate(face_images(image_size)):
-            image.save(tmp / "images" / f"face_{i:03d}.png")
-        meta = {
-            "name": name,
-            "source": "skimage.data.lfw_subset()[:100] (Labeled Faces in the Wild, 25 px grayscale)",
-            "count": NUM_FACES,
-            "image_size": image_size,
-            "versions": {p: metadata.version(p) for p in ("scikit-image", "pillow")},
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.mkdir(parents=True)
+        meta = write(tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         if force and final.exists():
             shutil.rmtree(final)
         try:
@@ -77,5 +65,27 @@ def build_embedded_faces(root, image_size: int = 32, force: bool = False) -> Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("embedded faces: built %s (%d images at %d px)", final, NUM_FACES, image_size)
-    return final / "images"
+    return final
+
+
+def build_embedded_faces(root, image_size: int = 32, force: bool = False) -> Path:
+    """Write the faces under `root` (or reuse a complete earlier build, see `build_atomically`) and return the image
+    folder. Deterministic for an image size."""
+    if image_size < 8:
+        raise ValueError(f"image_size must be at least 8 px; got {image_size}")
+    name = f"faces_px{image_size}_{VERSION}"
+
+    def write(tmp: Path) -> dict:
+        (tmp / "images").mkdir()
+        for i, image in enumerate(face_images(image_size)):
+            image.save(tmp / "images" / f"face_{i:03d}.png")
+        log.info("embedded faces: writing %s (%d images at %d px)", name, NUM_FACES, image_size)
+        return {
+            "name": name,
+            "source": "skimage.data.lfw_subset()[:100] (Labeled Faces in the Wild, 25 px grayscale)",
+            "count": NUM_FACES,
+            "image_size": image_size,
+            "versions": {p: metadata.version(p) for p in ("scikit-image", "pillow")},
+        }
+
+    return build_atomically(root, name, write, force) / "images"
