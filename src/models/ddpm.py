@@ -11,15 +11,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
-from torch.optim.swa_utils import AveragedModel
 
 from src.nn.diffusion import (
     SAMPLERS,
+    build_ema,
     build_noise_scheduler,
     build_optimizer,
     build_sampler,
     check_choice,
-    ema_with_warmup,
     sample_loop,
     to_uint8,
     training_target,
@@ -42,10 +41,7 @@ class DDPMModule(L.LightningModule):
         check_choice("model.sampler", sampler, SAMPLERS)
         self.noise_scheduler = build_noise_scheduler(**(noise or {}))
         self.unet = UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels, **unet)
-        self.ema = None
-        if ema_decay:
-            self.ema = AveragedModel(self.unet, multi_avg_fn=ema_with_warmup(ema_decay))
-            self.ema.requires_grad_(False)  # not trained: DDP and the optimizer must not see it
+        self.ema = build_ema(self.unet, ema_decay)
         self.optim_cfg, self.sched_cfg = optimizer or {}, scheduler or {}
         self._ema_step = -1
 

@@ -20,16 +20,15 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from torch.optim.swa_utils import AveragedModel
 
 from src.data.captions import noise_text_embeddings
 from src.nn.diffusion import (
     SAMPLERS,
+    build_ema,
     build_noise_scheduler,
     build_optimizer,
     build_sampler,
     check_choice,
-    ema_with_warmup,
     sample_loop,
     to_uint8,
     training_target,
@@ -82,10 +81,7 @@ class Text2ImageModule(L.LightningModule):
             self.noise_scheduler = build_noise_scheduler(**(noise or {}))
         mitigation = dict(train_mitigation or {"name": "none"})
         self.embedding_noise = float(mitigation.get("lam", 0.0)) if mitigation.get("name") == "gn" else 0.0
-        self.ema = None
-        if ema_decay:
-            self.ema = AveragedModel(self.unet, multi_avg_fn=ema_with_warmup(ema_decay))
-            self.ema.requires_grad_(False)
+        self.ema = build_ema(self.unet, ema_decay)
         self.optim_cfg, self.sched_cfg = optimizer or {}, scheduler or {}
         self._ema_step = -1
         self._empty = None

@@ -120,3 +120,15 @@ def ema_with_warmup(decay: float) -> Callable:
         torch._foreach_add_(averaged, delta)
 
     return update
+
+
+def build_ema(network: torch.nn.Module, decay: float):
+    """A frozen EMA copy of `network` (torch's `AveragedModel` with `ema_with_warmup`), or None when decay is 0.
+    Frozen so that neither DDP nor the optimizer sees it; update it with `.update_parameters(network)` once per
+    optimizer step."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel
+
+    ema = AveragedModel(network, multi_avg_fn=ema_with_warmup(decay))
+    return ema.requires_grad_(False)
