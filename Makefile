@@ -37,6 +37,7 @@ bench: install  ## throughput / time / memory benchmarks against in-run baseline
 	$(PY) -m src.benchmarks.extractor_throughput
 	$(PY) -m src.benchmarks.ddpm_step
 	$(PY) -m src.benchmarks.ddpm_sampling
+	$(PY) -m src.benchmarks.t2i_step
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests

@@ -283,3 +283,18 @@ def test_captioned_faces_config_composes_with_a_mitigation(data_dir, tmp_path):
     assert (data.hparams.conditioning, data.hparams.duplication, data.hparams.root) == (
         "instancelevel_blip", "nodup", "embedded_faces")  # fmt: skip
     assert len(data.train_files) == 100 and (tmp_path / "sampling_weights.json").is_file()
+
+
+def test_control_images_are_held_out_and_subsets_nest(data_dir, tmp_path):
+    small = faces(data_dir, tmp_path, subset_size=10, control_size=20)
+    large = faces(data_dir, tmp_path, subset_size=40, control_size=20)
+    assert len(small.control_files) == 20 and small.control_files == large.control_files
+    assert not set(small.control_files) & set(large.train_files)  # never trained on
+    assert set(small.train_files) < set(large.train_files)  # the same seeded order: nested subsets
+    every = faces(data_dir, tmp_path, control_size=20)
+    assert len(every.train_files) == 80 and not set(every.train_files) & set(every.control_files)
+    assert faces(data_dir, tmp_path, subset_size=10).control_files == []
+    with pytest.raises(ValueError, match=r"data.subset_size=90 must lie in \[1, 80\].*20 of them held out"):
+        faces(data_dir, tmp_path, subset_size=90, control_size=20)
+    with pytest.raises(ValueError, match=r"data.control_size=100 must lie in \[0, 99\]"):
+        faces(data_dir, tmp_path, control_size=100)

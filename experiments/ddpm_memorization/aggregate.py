@@ -14,8 +14,6 @@ size. Written to OUT (default: the first folder given):
 """
 
 import argparse
-import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +25,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from src.data.images import load_rgb  # noqa: E402
+from src.replication import study  # noqa: E402
 from src.replication.report import BIN_WIDTH  # noqa: E402
+from src.replication.study import draw_image_rows, read_json, read_matches  # noqa: E402
 
 SETS = ("train", "control")  # the two report folders of a run: vs its training subset, vs held-out images
 STATS = ("sim_mean", "sim_95pc", "sim_gt_thr")
@@ -64,29 +63,8 @@ class StudyRun:
 
 def find_runs(folders) -> list[Path]:
     """Run folders (those holding replication/summary.json) at or below each folder, without duplicates."""
-    runs = {}
-    for folder in map(Path, folders):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} is not a folder: give a multirun folder or a run folder")
-        found = sorted(p.parent.parent for p in folder.rglob("replication/summary.json"))
-        if not found:
-            raise FileNotFoundError(
-                f"no run under {folder} holds replication/summary.json: train with the ReplicationAnalysis "
-                "callback (experiment=ddpm_quickstart or ddpm_celebahq), or point at its multirun folder"
-            )
-        runs.update({run.resolve(): None for run in found})
-    return list(runs)
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def read_matches(path: Path) -> list[dict] | None:
-    if not path.is_file():
-        return None
-    with open(path) as f:
-        return list(csv.DictReader(f))
+    return study.find_runs(folders, "train with the ReplicationAnalysis callback (experiment=ddpm_quickstart or "
+                                    "ddpm_celebahq)")  # fmt: skip
 
 
 def load_run(run_dir) -> StudyRun:
@@ -156,24 +134,13 @@ def load_study(folders) -> list[StudyRun]:
 
 
 # ---- table -------------------------------------------------------------------------------------------------------
-def format_cell(value) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
 def markdown_table(rows: list[dict]) -> str:
     """The rows as a markdown table with the columns of `COLUMNS` (missing values as "-")."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(format_cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
-    return "\n".join(lines)
+    return study.markdown_table(rows, COLUMNS)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "run_dir"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    study.write_csv(rows, path, [*COLUMNS, "run_dir"])
 
 
 # ---- trend -------------------------------------------------------------------------------------------------------
@@ -261,32 +228,6 @@ def draw_study(runs: list[StudyRun]):
     fig.suptitle(f"Replication vs training subset size ({runs[0].row['extractor']} similarity)", fontsize=11)
     fig.tight_layout()
     return fig
-
-
-def draw_image_rows(rows: list[list[tuple]], row_labels: list[str], thumb: int = 96):
-    """A grid of images: rows[r] = [(path, title, frame colour), ...]; an unreadable image leaves its cell empty.
-    Returns (figure, number of unreadable images)."""
-    cols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.45 * cols, 1.6 * len(rows)), squeeze=False)
-    unreadable = 0
-    for r, cells in enumerate(rows):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.set_xticks([]), ax.set_yticks([])
-            if c >= len(cells):
-                ax.axis("off")
-                continue
-            path, title, colour = cells[c]
-            try:
-                ax.imshow(load_rgb(path).resize((thumb, thumb)))
-            except Exception:  # noqa: BLE001 - a figure shows an empty cell rather than failing; counted
-                unreadable += 1
-            ax.set_title(title, fontsize=7)
-            for spine in ax.spines.values():
-                spine.set_edgecolor(colour), spine.set_linewidth(3)
-        axes[r][0].set_ylabel(row_labels[r], fontsize=8)
-    fig.tight_layout()
-    return fig, unreadable
 
 
 def match_cells(run: StudyRun, row: dict, name: str = "train", k: int = 1) -> list[tuple]:

@@ -257,7 +257,8 @@ class CaptionedDataModule(L.LightningDataModule):
 
     root: the image folder (recursive), or "embedded_faces" for the 100 captioned LFW faces built under `data_dir`
     (src/data/captioned_faces.py; `captions` may then be null). subset_size: a seeded subset of the captioned images
-    (null: all). samples_per_epoch: draws per epoch (null: max(N, 100 batches)). weights_file: where the per-image
+    (null: all). control_size: captioned images held out from training (the last of the same seeded order, so they
+    never overlap the subset), compared with the generations as the no-copy baseline (PAPERS.md §1.6). samples_per_epoch: draws per epoch (null: max(N, 100 batches)). weights_file: where the per-image
     sampling weights {relative path: weight} are written (read by `src.replicate sampling_weights=`).
     tokenizer: CLIP-style `decode` for random tokens (instancelevel_random, rc, rt); default `clip_tokenizer()`.
     """
@@ -265,7 +266,7 @@ class CaptionedDataModule(L.LightningDataModule):
     def __init__(self, root: str, captions: str | None = None, conditioning: str = "instancelevel_blip",
                  duplication: str = "nodup", weight_pc: float = 0.05, dup_weight: float = 5.0, mitigation=None,
                  allow_missing_captions: bool = False, subset_size: int | None = None, subset_seed: int = 0,
-                 seed: int = 0, image_size: int = 256, center_crop: bool = True, random_flip: bool = True,
+                 control_size: int = 0, seed: int = 0, image_size: int = 256, center_crop: bool = True, random_flip: bool = True,
                  batch_size: int = 16, num_workers: int = 4, samples_per_epoch: int | None = None,
                  weights_file: str | None = None, data_dir: str | None = None, pin_memory: bool = True,
                  tokenizer=None):  # fmt: skip
@@ -277,6 +278,7 @@ class CaptionedDataModule(L.LightningDataModule):
             raise ValueError(f"data.captions is null: the image folder '{root}' needs a captions JSON file")
         self.tokenizer = tokenizer
         self.dataset: CaptionedImageDataset | None = None
+        self.control_files: list[str] = []
         self.weights: torch.Tensor | None = None
 
     def _build_dir(self) -> Path:
@@ -314,16 +316,22 @@ class CaptionedDataModule(L.LightningDataModule):
         files = [path.relative_to(root).as_posix() for path in list_images(root)]
         captions = load_captions(self.captions_file, files, allow_missing=hp.allow_missing_captions)
         captioned = sorted(captions)
-        if hp.subset_size is None:
-            train = captioned
-        else:
-            if not 1 <= hp.subset_size <= len(captioned):
-                raise ValueError(
-                    f"data.subset_size={hp.subset_size} must lie in [1, {len(captioned)}], the number of captioned "
-                    f"images of '{root}'"
-                )
-            order = torch.randperm(len(captioned), generator=torch.Generator().manual_seed(hp.subset_seed))
-            train = sorted(captioned[i] for i in order[: hp.subset_size].tolist())
+        available = len(captioned) - hp.control_size
+        if hp.control_size < 0 or available < 1:
+            raise ValueError(f"data.control_size={hp.control_size} must lie in [0, {len(captioned) - 1}]: '{root}' "
+                             f"has {len(captioned)} captioned images and training needs at least one")  # fmt: skip
+        size = available if hp.subset_size is None else hp.subset_size
+        if not 1 <= size <= available:
+            raise ValueError(
+                f"data.subset_size={hp.subset_size} must lie in [1, {available}]: '{root}' has {len(captioned)} "
+                f"captioned images, {hp.control_size} of them held out (data.control_size)"
+            )
+        order = torch.randperm(len(captioned), generator=torch.Generator().manual_seed(hp.subset_seed)).tolist()
+        if hp.subset_size is None and not hp.control_size:
+            order = list(range(len(captioned)))
+        train = sorted(captioned[i] for i in order[:size])
+        self.control_files = sorted(captioned[i] for i in order[len(order) - hp.control_size:]) \
+            if hp.control_size else []  # fmt: skip
         if hp.duplication == "nodup":
             self.weights = torch.ones(len(train), dtype=torch.float64)
         else:
@@ -342,9 +350,9 @@ class CaptionedDataModule(L.LightningDataModule):
             path = Path(hp.weights_file)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(dict(zip(train, self.weights.tolist(), strict=True)), indent=1))
-        log.info("captioned data: %d images of %s (%d captioned of %d files), conditioning %s, duplication %s "
-                 "(%d up-weighted), mitigation %s", len(train), root, len(captioned), len(files), hp.conditioning,
-                 hp.duplication, int((self.weights > 1).sum()), name)  # fmt: skip
+        log.info("captioned data: %d images of %s (%d captioned of %d files, %d held out), conditioning %s, "
+                 "duplication %s (%d up-weighted), mitigation %s", len(train), root, len(captioned), len(files),
+                 len(self.control_files), hp.conditioning, hp.duplication, int((self.weights > 1).sum()), name)  # fmt: skip
 
     @property
     def train_files(self) -> list[str]:

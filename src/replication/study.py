@@ -1,0 +1,137 @@
+"""Pieces shared by the study aggregates of experiments/ (DDPM memorization, caption mitigations): finding the runs
+of a multirun, reading their reports, tables, image grids and bootstrap confidence intervals."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from src.data.images import load_rgb  # noqa: E402
+
+SUMMARY = (
+    "replication/summary.json"  # written by src.callbacks.diffusion.ReplicationAnalysis in every run folder
+)
+
+
+def find_runs(folders, hint: str = "train with the ReplicationAnalysis callback") -> list[Path]:
+    """Run folders (those holding replication/summary.json) at or below each folder, without duplicates, sorted.
+    Raises FileNotFoundError naming a folder that is missing or holds no run (`hint`: how to make one)."""
+    runs = {}
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is not a folder: give a multirun folder or a run folder")
+        found = sorted(p.parent.parent for p in folder.rglob(SUMMARY))
+        if not found:
+            raise FileNotFoundError(
+                f"no run under {folder} holds {SUMMARY}: {hint}, or point at its multirun folder"
+            )
+        runs.update({run.resolve(): None for run in found})
+    return list(runs)
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in `path`, {} when the file does not exist."""
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+
+
+def read_matches(path: Path) -> list[dict] | None:
+    """The rows of a report's matches.csv (most replicated first), None when the file does not exist."""
+    if not Path(path).is_file():
+        return None
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def format_cell(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(rows: list[dict], columns) -> str:
+    """The rows as a markdown table with `columns` (missing values as "-")."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path, columns) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def draw_image_rows(rows: list[list[tuple]], row_labels: list[str], thumb: int = 96):
+    """A grid of images: rows[r] = [(path, title, frame colour), ...]; an unreadable image leaves its cell empty.
+    Returns (figure, number of unreadable images)."""
+    cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.45 * cols, 1.6 * len(rows)), squeeze=False)
+    unreadable = 0
+    for r, cells in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([]), ax.set_yticks([])
+            if c >= len(cells):
+                ax.axis("off")
+                continue
+            path, title, colour = cells[c]
+            try:
+                ax.imshow(load_rgb(path).resize((thumb, thumb)))
+            except Exception:  # noqa: BLE001 - a figure shows an empty cell rather than failing; counted
+                unreadable += 1
+            ax.set_title(title, fontsize=7)
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour), spine.set_linewidth(3)
+        axes[r][0].set_ylabel(row_labels[r], fontsize=8)
+    fig.tight_layout()
+    return fig, unreadable
+
+
+# ---- uncertainty ---------------------------------------------------------------------------------------------------
+def bootstrap_interval(values, statistic, resamples: int = 2000, level: float = 0.95, seed: int = 0):
+    """Percentile bootstrap interval (low, high) of `statistic(values)`: `resamples` draws of len(values) with
+    replacement, seeded. values: (n,) array; statistic: maps an (R, n) array to (R,) (e.g. `percentile_95`)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return math.nan, math.nan
+    draws = np.random.default_rng(seed).integers(0, values.size, size=(resamples, values.size))
+    estimates = statistic(values[draws])
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(estimates, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_difference(a, b, statistic, resamples: int = 2000, level: float = 0.95, seed: int = 0):
+    """Percentile bootstrap interval (low, high) of statistic(a) - statistic(b), a and b resampled independently
+    (conservative when they are paired, e.g. the same seeds)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.size == 0 or b.size == 0:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    diff = statistic(a[rng.integers(0, a.size, size=(resamples, a.size))]) - statistic(
+        b[rng.integers(0, b.size, size=(resamples, b.size))]
+    )
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(diff, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def percentile_95(values: np.ndarray) -> np.ndarray:
+    """The 95th percentile along the last axis (numpy's linear interpolation, as the replication reports)."""
+    return np.percentile(values, 95, axis=-1)
+
+
+def mean(values: np.ndarray) -> np.ndarray:
+    return values.mean(axis=-1)
+
+
+def share_above(threshold: float):
+    """A statistic: the fraction of values strictly above `threshold`, along the last axis."""
+    return lambda values: (values > threshold).mean(axis=-1)
