@@ -320,22 +320,30 @@ def main(argv=None) -> None:
     warn_if_busy()
     warm_l = lightning_window(lightning_module, batch, args.warmup, args, timer)
     warm_p = plain.window(batch, args.warmup, timer)
+    results = interleaved_windows(
+        lambda: lightning_window(lightning_module, batch, args.steps, args, timer),
+        lambda: plain.window(batch, args.steps, timer),
+        args.repeats,
+    )
+    print_report(args, results, warm_l["loss"], warm_p["loss"], timer.memory)
+
+
+def interleaved_windows(lightning, plain, repeats: int) -> dict[str, list[dict]]:
+    """Runs `repeats` timed windows per side, interleaved L P P L L P ... (alternating which side goes first cancels
+    any bias of running first or second), printing each pair's mean step times. lightning / plain: callables running
+    one window and returning its result ({"steps": [seconds], ...}). Returns {"lightning": [...], "plain": [...]}."""
     results = {"lightning": [], "plain": []}
-    run = {
-        "lightning": lambda: lightning_window(lightning_module, batch, args.steps, args, timer),
-        "plain": lambda: plain.window(batch, args.steps, timer),
-    }
-    for repeat in range(args.repeats):
-        # L P P L L P ...: alternating which side goes first cancels any bias of running first or second.
+    run = {"lightning": lightning, "plain": plain}
+    for repeat in range(repeats):
         for name in ("lightning", "plain") if repeat % 2 == 0 else ("plain", "lightning"):
             results[name].append(run[name]())
         means = {name: statistics.mean(windows[-1]["steps"]) * 1e3 for name, windows in results.items()}
         print(
-            f"  window {repeat + 1}/{args.repeats}: Lightning {means['lightning']:.1f} ms, "
+            f"  window {repeat + 1}/{repeats}: Lightning {means['lightning']:.1f} ms, "
             f"plain {means['plain']:.1f} ms per step (mean)",
             flush=True,
         )
-    print_report(args, results, warm_l["loss"], warm_p["loss"], timer.memory)
+    return results
 
 
 def print_report(args, results: dict, loss_lightning: float, loss_plain: float, memory: PeakMemory) -> None:

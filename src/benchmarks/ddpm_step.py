@@ -58,7 +58,15 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from src.benchmarks.csd_step import MIB, PRECISIONS, LightningClock, PeakMemory, SameBatch, StepTimer
+from src.benchmarks.csd_step import (
+    MIB,
+    PRECISIONS,
+    LightningClock,
+    PeakMemory,
+    SameBatch,
+    StepTimer,
+    interleaved_windows,
+)
 from src.benchmarks.retrieval_metrics import busy_cpu_fraction, warn_if_busy
 from src.models.ddpm import DDPMModule
 from src.nn.diffusion import training_target
@@ -292,21 +300,11 @@ def main(argv=None) -> dict:
     warm_l = lightning_window(lightning_module, batch, args.warmup, args, timer)
     warm_p = plain.window(batch, args.warmup, timer)
     weight_diff = max_weight_difference(lightning_module, plain.module)
-    results = {"lightning": [], "plain": []}
-    run = {
-        "lightning": lambda: lightning_window(lightning_module, batch, args.steps, args, timer),
-        "plain": lambda: plain.window(batch, args.steps, timer),
-    }
-    for repeat in range(args.repeats):
-        # L P P L L P ...: alternating which side goes first cancels any bias of running first or second.
-        for name in ("lightning", "plain") if repeat % 2 == 0 else ("plain", "lightning"):
-            results[name].append(run[name]())
-        means = {name: statistics.mean(windows[-1]["steps"]) * 1e3 for name, windows in results.items()}
-        print(
-            f"  window {repeat + 1}/{args.repeats}: Lightning {means['lightning']:.1f} ms, "
-            f"plain {means['plain']:.1f} ms per step (mean)",
-            flush=True,
-        )
+    results = interleaved_windows(
+        lambda: lightning_window(lightning_module, batch, args.steps, args, timer),
+        lambda: plain.window(batch, args.steps, timer),
+        args.repeats,
+    )
     summary = summarize(results, warm_l["loss"], warm_p["loss"], weight_diff)
     print_report(args, summary, timer.memory)
     return summary
