@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from src.benchmarks import ddpm_step
 from src.benchmarks import t2i_step as bench
 from src.data.captions import INFERENCE_MITIGATIONS, TRAIN_MITIGATIONS
 
@@ -124,11 +125,11 @@ def run_warmup_pair(break_plain):
     batch = bench.make_batch(args.batch_size, args.image_size, args.seed)
     timer = bench.StepTimer(bench.PeakMemory(torch.device("cpu")), torch.device("cpu"))
     lightning = bench.build_module(args)
-    warm_l = bench.lightning_window(lightning, batch, args.warmup, args, timer)
+    warm_l = ddpm_step.lightning_window(lightning, batch, args.warmup, args, timer)
     plain = bench.PlainLoop(bench.build_module(args), args)
     break_plain(plain)
     warm_p = plain.window(batch, args.warmup, timer)
-    return warm_l["loss"], warm_p["loss"], bench.max_weight_difference(lightning, plain.module)
+    return warm_l["loss"], warm_p["loss"], ddpm_step.max_weight_difference(lightning, plain.module)
 
 
 def test_plain_loop_without_ema_is_caught(one_thread):

@@ -297,6 +297,14 @@ def main(argv=None) -> dict:
         flush=True,
     )
     warn_if_busy()
+    summary = time_training_step(lightning_module, plain, batch, args, timer)
+    print_report(args, summary, timer.memory)
+    return summary
+
+
+def time_training_step(lightning_module, plain, batch: dict, args, timer: StepTimer) -> dict:
+    """One warm-up window per side (then the same-math check on the weights), `args.repeats` interleaved timed
+    windows per side; returns `summarize`'s dict. plain: a `PlainLoop` (or subclass) on its own copy of the module."""
     warm_l = lightning_window(lightning_module, batch, args.warmup, args, timer)
     warm_p = plain.window(batch, args.warmup, timer)
     weight_diff = max_weight_difference(lightning_module, plain.module)
@@ -305,9 +313,7 @@ def main(argv=None) -> dict:
         lambda: plain.window(batch, args.steps, timer),
         args.repeats,
     )
-    summary = summarize(results, warm_l["loss"], warm_p["loss"], weight_diff)
-    print_report(args, summary, timer.memory)
-    return summary
+    return summarize(results, warm_l["loss"], warm_p["loss"], weight_diff)
 
 
 def summarize(results: dict, loss_lightning: float, loss_plain: float, weight_diff: dict) -> dict:
@@ -330,7 +336,8 @@ def summarize(results: dict, loss_lightning: float, loss_plain: float, weight_di
     return summary
 
 
-def print_report(args, summary: dict, memory: PeakMemory) -> None:
+def print_report(args, summary: dict, memory: PeakMemory, module_name: str = "DDPMModule") -> None:
+    """The step table, the ratios and the same-math check; `module_name` names the Lightning side."""
     cuda = args.device.startswith("cuda")
     memory_kind = "CUDA peak allocated" if cuda else "peak RSS"
     unit = "window means (one per window, CUDA)" if cuda else "single steps"
@@ -339,13 +346,16 @@ def print_report(args, summary: dict, memory: PeakMemory) -> None:
         f"after 1 untimed step (plus one {args.warmup}-step warm-up window per side); statistics over {unit}"
     )
     print(
-        f"{'method':<36}{'median step (ms)':>18}{'min (ms)':>10}{'max (ms)':>10}{memory_kind + ' (MiB)':>26}"
+        f"{'method':<42}{'median step (ms)':>18}{'min (ms)':>10}{'max (ms)':>10}{memory_kind + ' (MiB)':>26}"
     )
-    labels = {"lightning": "Lightning Trainer.fit (DDPMModule)", "plain": "plain diffusers + PyTorch loop"}
+    labels = {
+        "lightning": f"Lightning Trainer.fit ({module_name})",
+        "plain": "plain diffusers + PyTorch loop",
+    }
     for name, label in labels.items():
         row = summary[name]
         print(
-            f"{label:<36}{row['median_ms']:>18.1f}{row['min_ms']:>10.1f}{row['max_ms']:>10.1f}"
+            f"{label:<42}{row['median_ms']:>18.1f}{row['min_ms']:>10.1f}{row['max_ms']:>10.1f}"
             f"{row['peak_mib']:>26.1f}"
         )
     verdict = "meets" if summary["ratio"] <= 1.05 else "MISSES"

@@ -67,17 +67,16 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from src.benchmarks.csd_step import PRECISIONS, PeakMemory, StepTimer, interleaved_windows
+from src.benchmarks.csd_step import PRECISIONS, PeakMemory, StepTimer
 from src.benchmarks.ddpm_step import (
     GRADIENT_CLIP_VAL,
     check_device_and_precision,
-    lightning_window,
-    max_weight_difference,
     quiet_lightning,
     set_threads,
-    summarize,
+    time_training_step,
 )
 from src.benchmarks.ddpm_step import PlainLoop as DDPMPlainLoop
+from src.benchmarks.ddpm_step import print_report as print_step_report
 from src.benchmarks.retrieval_metrics import warn_if_busy
 from src.data.captioned_faces import BRIGHTNESS, CONTRAST, HAIR, NUM_FACES, POSITION, SIDE, face_captions
 from src.data.captions import (
@@ -348,15 +347,7 @@ def main(argv=None) -> dict:
         flush=True,
     )
     warn_if_busy()
-    warm_l = lightning_window(lightning_module, batch, args.warmup, args, timer)
-    warm_p = plain.window(batch, args.warmup, timer)
-    weight_diff = max_weight_difference(lightning_module, plain.module)
-    results = interleaved_windows(
-        lambda: lightning_window(lightning_module, batch, args.steps, args, timer),
-        lambda: plain.window(batch, args.steps, timer),
-        args.repeats,
-    )
-    summary = summarize(results, warm_l["loss"], warm_p["loss"], weight_diff)
+    summary = time_training_step(lightning_module, plain, batch, args, timer)
 
     module = lightning_module.to(device)
     text = module.encode_prompts(batch["caption"])  # (B, L, D)
@@ -383,42 +374,8 @@ def options_text(options: dict) -> str:
 
 
 def print_report(args, summary: dict, memory: PeakMemory, sample_steps: int) -> None:
-    cuda = args.device.startswith("cuda")
-    memory_kind = "CUDA peak allocated" if cuda else "peak RSS"
-    unit = "window means (one per window, CUDA)" if cuda else "single steps"
-    print(
-        f"\n{args.repeats} windows per side, interleaved L P P L ..., each timing {args.steps} steps "
-        f"after 1 untimed step (plus one {args.warmup}-step warm-up window per side); statistics over {unit}"
-    )
-    print(
-        f"{'method':<42}{'median step (ms)':>18}{'min (ms)':>10}{'max (ms)':>10}{memory_kind + ' (MiB)':>26}"
-    )
-    labels = {
-        "lightning": "Lightning Trainer.fit (Text2ImageModule)",
-        "plain": "plain diffusers + PyTorch loop",
-    }
-    for name, label in labels.items():
-        row = summary[name]
-        print(
-            f"{label:<42}{row['median_ms']:>18.1f}{row['min_ms']:>10.1f}{row['max_ms']:>10.1f}"
-            f"{row['peak_mib']:>26.1f}"
-        )
-    verdict = "meets" if summary["ratio"] <= 1.05 else "MISSES"
-    print(f"ratio Lightning / plain (median step): {summary['ratio']:.3f} ({verdict} the target <= 1.05)")
-    print(f"ratio Lightning / plain ({memory_kind}): {summary['memory_ratio']:.3f}")
-    if not cuda:
-        print(
-            "  peak RSS is of the one process running both sides (both models included): compare, don't add"
-        )
-    if memory.note:
-        print(f"  memory: {memory.note}")
-    loss, diff = summary["loss"], summary["weight_diff"]
-    print(
-        f"same math check, first-step loss from the same weights and noise: Lightning {loss['lightning']:.6f}, "
-        f"plain {loss['plain']:.6f} (|diff| {abs(loss['lightning'] - loss['plain']):.1e}); after the warm-up "
-        f"window max |weight diff| UNet {diff['unet']:.1e}, EMA {diff['ema']:.1e}"
-    )
-
+    """ddpm_step's step table and same-math check, then the two mitigation-cost tables."""
+    print_step_report(args, summary, memory, module_name="Text2ImageModule")
     print(
         f"\nTrain-time caption mitigations, one batch of {args.batch_size} captions (5 per image), median of "
         f"{args.mitigation_repeats} calls; ratio to the median Lightning step ({summary['lightning']['median_ms']:.1f} ms)"
