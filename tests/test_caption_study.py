@@ -80,7 +80,7 @@ def test_every_ablation_arm_composes_to_its_conditioning_and_mitigation(tmp_path
 
 # ---- hand-made runs ----------------------------------------------------------------------------------------------------
 def fake_run(run_dir, data, conditioning="instancelevel_blip", mitigation="none", sims=(0.9, 0.5),
-             inference=None, threshold=0.9, fid=None):  # fmt: skip
+             inference=None, threshold=0.9, fid=None, seed=None):  # fmt: skip
     """A run folder as ReplicationAnalysis leaves it: config, summary, and per set a report and matches.csv (most
     replicated first; generation i matched to face_{i % 3}.png) with 8x8 images. inference: {name: sims}."""
     data.mkdir(parents=True, exist_ok=True)
@@ -112,6 +112,8 @@ def fake_run(run_dir, data, conditioning="instancelevel_blip", mitigation="none"
                "metrics": {"replication/control/sim_95pc": 0.42}}  # fmt: skip
     (run_dir / "replication" / "summary.json").write_text(json.dumps(summary))
     config = {"data": {"conditioning": conditioning}, "mitigation": {"name": mitigation}}
+    if seed is not None:
+        config["seed"] = seed
     (run_dir / "config_resolved.yaml").write_text(yaml.safe_dump(config))
     return run_dir
 
@@ -160,6 +162,36 @@ def test_check_claims_names_what_differs_and_what_does_not(hand_made):
     assert aggregate.check_claims([]) == [
         "no instance-level run without mitigation (the reference): nothing to compare"
     ]
+
+
+def test_several_training_seeds_are_compared_seed_by_seed_and_summarised(tmp_path):
+    rng = np.random.default_rng(1)
+    multirun, data = tmp_path / "seeds", tmp_path / "data"
+    for seed in (0, 1):
+        copies = rng.normal(0.95, 0.02, 60).clip(max=1)
+        fake_run(multirun / f"{seed}_none", data, sims=copies, seed=seed)
+        fake_run(multirun / f"{seed}_mc", data, mitigation="mc", sims=rng.normal(0.6, 0.05, 60), seed=seed)
+        # gn lowers copying with seed 0 only
+        gn = rng.normal(0.6, 0.05, 60) if seed == 0 else rng.normal(0.95, 0.02, 60).clip(max=1)
+        fake_run(multirun / f"{seed}_gn", data, mitigation="gn", sims=gn, seed=seed)
+    arms = aggregate.load_study([multirun])
+    assert [a.name for a in arms if a.kind == "train"] == [
+        "none [seed 0]", "none [seed 1]", "mc [seed 0]", "mc [seed 1]", "gn [seed 0]", "gn [seed 1]",
+    ]  # fmt: skip
+    assert {a.row["seed"] for a in arms} == {0, 1} and arms[0].base == "instancelevel_blip"
+
+    findings = "\n".join(aggregate.check_claims(arms))
+    assert "seed 0: train-time gn vs none: lower: share_gt_thr" in findings
+    assert "seed 1: train-time gn vs none: not different: share_gt_thr" in findings
+    agreement = aggregate.seed_agreement(arms)
+    line = next(x for x in agreement if x.startswith("train-time mc vs none, share_gt_thr:"))
+    assert "lower in 2 of 2 seeds (seed 0: -" in line and "seed 1: -" in line
+    gn_line = next(x for x in agreement if x.startswith("train-time gn vs none, share_gt_thr:"))
+    assert "lower in 1" in gn_line and "not different in 1" in gn_line and "of 2 seeds" in gn_line
+
+    files = aggregate.write_study(arms, tmp_path / "out")
+    assert "## Across training seeds" in files["study.md"].read_text()
+    assert aggregate.seed_agreement([a for a in arms if a.seed == 0]) == []  # one seed: nothing to summarise
 
 
 def test_arm_labels_carry_the_options():

@@ -26,6 +26,7 @@ training image). The tables and findings are printed too.
 """
 
 import argparse
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +55,7 @@ INFERENCE_ORDER = ("none", "gni", "rt", "cwr", "rna")
 KINDS = ("conditioning", "train", "inference")
 PAPER_THRESHOLD = 0.5  # the share the paper reports (SSCD similarity > 0.5, PAPERS.md §2.8)
 STATS = ("sim_mean", "sim_95pc", "share_gt_0.5", "share_gt_thr", "source_top1")
-COLUMNS = ("kind", "arm", "conditioning", "train_mitigation", "inference_mitigation", "n", "threshold",
+COLUMNS = ("kind", "arm", "conditioning", "train_mitigation", "inference_mitigation", "seed", "n", "threshold",
            *(f"{s}{suffix}" for s in STATS for suffix in ("", "_low", "_high")), "control_sim_95pc", "fid",
            "clip_score", "steps", "num_train", "extractor", "run")  # fmt: skip
 TABLE_COLUMNS = ("arm", "n", "sim_mean", "sim_95pc", "sim_95pc_ci", "share_gt_0.5", "share_gt_thr",
@@ -73,7 +74,8 @@ class Arm:
     """One arm of the study: kind ("conditioning" | "train" | "inference"), name (the conditioning level, or the
     mitigation with its options, e.g. "rc (p=0.1)"), method (the level or mitigation alone), its generations' top-1
     similarities (`top1`, (G,)) and, where known, whether each one's nearest training image is its prompt's source
-    image (`source_hit`, (G,) bool). row: the table row (keys `COLUMNS`)."""
+    image (`source_hit`, (G,) bool). seed: the run's training seed; base: the name without it (`name` gets
+    " [seed N]" when a study holds several seeds). row: the table row (keys `COLUMNS`)."""
 
     kind: str
     name: str
@@ -85,6 +87,8 @@ class Arm:
     train_root: Path
     source_hit: np.ndarray | None = None
     method: str = ""
+    seed: int | None = None
+    base: str = ""
     row: dict = field(default_factory=dict)
 
 
@@ -180,11 +184,12 @@ def load_arms(run_dir: Path) -> list[Arm]:
             raise ValueError(f"{run_dir}: replication/{report_dir}/matches.csv is missing")
         threshold = float(set_report.get("threshold", report.get("threshold", 0.5)))
         arm = Arm(kind, name, run_dir, np.array([float(r["sim_1"]) for r in matches]), threshold, matches,
-                  run_dir / "samples" / samples_dir, train_root, source_hits(matches, sources), options["name"])  # fmt: skip
+                  run_dir / "samples" / samples_dir, train_root, source_hits(matches, sources), options["name"],
+                  config.get("seed"), name)  # fmt: skip
         stats = set_report.get("stats", {})
         arm.row = {
             "kind": kind, "arm": name, "conditioning": conditioning, "train_mitigation": arm_label(mitigation),
-            "inference_mitigation": name if kind == "inference" else "none", "n": len(matches),
+            "inference_mitigation": name if kind == "inference" else "none", "seed": arm.seed, "n": len(matches),
             "threshold": threshold, "control_sim_95pc": control, "fid": stats.get("fid"),
             "clip_score": stats.get("clip_score"), "steps": summary.get("step"), "num_train": summary.get("num_train"),
             "extractor": set_report.get("extractor"), "run": f"{run_dir.parent.name}/{run_dir.name}",
@@ -206,10 +211,18 @@ def order_key(arm: Arm) -> tuple:
     return KINDS.index(arm.kind), position, arm.name, str(arm.run_dir)
 
 
+def seeds_of(arms: list[Arm]) -> list:
+    return sorted({a.seed for a in arms}, key=str)
+
+
 def load_study(folders) -> list[Arm]:
-    """Every arm of every run under `folders`, ordered by kind then as the paper lists them."""
+    """Every arm of every run under `folders`, ordered by kind then as the paper lists them. When the runs were
+    trained with several seeds (`seed=0,1` in the sweep), each arm's name ends with " [seed N]"."""
     hint = "train with experiment=t2i_mitigations (or any text-conditional run with the replication callback)"
     arms = [arm for run_dir in find_runs(folders, hint) for arm in load_arms(run_dir)]
+    if len(seeds_of(arms)) > 1:
+        for arm in arms:
+            arm.name = arm.row["arm"] = f"{arm.base} [seed {arm.seed}]"
     return sorted(arms, key=order_key)
 
 
@@ -229,32 +242,69 @@ def verdict(a: Arm, b: Arm, stat: str) -> str:
     return "lower" if high < 0 else "higher" if low > 0 else "not different"
 
 
+NO_REFERENCE = "no instance-level run without mitigation (the reference): nothing to compare"
+
+
+def comparisons(arms: list[Arm]) -> list[tuple[str, Arm, Arm]] | None:
+    """What the claims compare among the arms of one training seed, as (label, a, b), a - b being the difference:
+    the instance-level reference against each other conditioning level, then each train- and inference-time
+    mitigation against the reference. None without a reference."""
+    reference = next((a for a in arms if a.kind == "conditioning" and a.method == REFERENCE), None)
+    if reference is None:
+        return None
+    pairs = [(f"instance-level vs {level}", reference, other)
+             for level in ("nolevel", "classlevel", "instancelevel_random")
+             for other in arms if other.kind == "conditioning" and other.method == level]  # fmt: skip
+    pairs += [(f"{kind}-time {arm.base} vs none", arm, reference)
+              for kind in ("train", "inference") for arm in arms if arm.kind == kind and arm.method != "none"]  # fmt: skip
+    return pairs
+
+
+def claim_findings(arms: list[Arm]) -> list[str]:
+    pairs = comparisons(arms)
+    if pairs is None:
+        return [NO_REFERENCE]
+    return [f"{label}: {verdict(a, b, stat)}: {compare(a, b, stat)}" for label, a, b in pairs for stat in CLAIM_STATS
+            if values_of(a, stat) is not None and values_of(b, stat) is not None]  # fmt: skip
+
+
 def check_claims(arms: list[Arm]) -> list[str]:
     """Findings, one sentence each, on the paper's claims (PAPERS.md §2): instance-level captions replicate more
     than class-level or no captions; each train-time and inference-time mitigation lowers the replication
-    statistics of instance-level captions. A difference counts when its 95% bootstrap interval excludes 0."""
-    by = {(a.kind, a.name): a for a in arms}
-    reference = by.get(("conditioning", REFERENCE))
-    findings = []
-    if reference is None:
-        return ["no instance-level run without mitigation (the reference): nothing to compare"]
-    for level in ("nolevel", "classlevel", "instancelevel_random"):
-        other = by.get(("conditioning", level))
-        if other is None:
-            continue
-        for stat in CLAIM_STATS:
-            if values_of(reference, stat) is None or values_of(other, stat) is None:
-                continue
-            findings.append(f"instance-level vs {level}: {verdict(reference, other, stat)}: "
-                            f"{compare(reference, other, stat)}")  # fmt: skip
-    for kind in ("train", "inference"):
-        for arm in (a for a in arms if a.kind == kind and a.method != "none"):
+    statistics of instance-level captions. A difference counts when its 95% bootstrap interval excludes 0.
+    With several training seeds every arm is compared with the reference of its own seed ("seed N: ...")."""
+    seeds = seeds_of(arms)
+    if len(seeds) < 2:
+        return claim_findings(arms)
+    return [
+        f"seed {seed}: {line}"
+        for seed in seeds
+        for line in claim_findings([a for a in arms if a.seed == seed])
+    ]
+
+
+def seed_agreement(arms: list[Arm]) -> list[str]:
+    """With several training seeds, one line per comparison and statistic: how many seeds give each verdict, and
+    each seed's difference ("train-time rc (p=0.1) vs none, share_gt_thr: lower in 2 of 2 seeds (seed 0: -0.250,
+    seed 1: -0.180)"). The bootstrap intervals cover the sampling of generations; the seeds show whether a verdict
+    survives retraining. Empty with one seed."""
+    seeds = seeds_of(arms)
+    if len(seeds) < 2:
+        return []
+    results = {}  # (label, stat) -> [(seed, verdict, difference)], in the first seed's order
+    for seed in seeds:
+        for label, a, b in comparisons([x for x in arms if x.seed == seed]) or []:
             for stat in CLAIM_STATS:
-                if values_of(arm, stat) is None or values_of(reference, stat) is None:
-                    continue
-                findings.append(f"{kind}-time {arm.name} vs none: {verdict(arm, reference, stat)}: "
-                                f"{compare(arm, reference, stat)}")  # fmt: skip
-    return findings
+                if values_of(a, stat) is not None and values_of(b, stat) is not None:
+                    entry = (seed, verdict(a, b, stat), a.row[stat] - b.row[stat])
+                    results.setdefault((label, stat), []).append(entry)
+    lines = []
+    for (label, stat), entries in results.items():
+        counts = Counter(v for _, v, _ in entries)
+        verdicts = ", ".join(f"{v} in {n}" for v, n in counts.most_common())
+        differences = ", ".join(f"seed {seed}: {d:+.3f}" for seed, _, d in entries)
+        lines.append(f"{label}, {stat}: {verdicts} of {len(entries)} seeds ({differences})")
+    return lines
 
 
 # ---- tables and figures ----------------------------------------------------------------------------------------------
@@ -285,7 +335,7 @@ def draw_study(arms: list[Arm]):
     fig, axes = plt.subplots(
         1, len(panels), figsize=(3.3 * len(panels), 0.32 * len(arms) + 1.6), squeeze=False
     )
-    reference = next((a for a in arms if a.kind == "conditioning" and a.name == REFERENCE), None)
+    reference = next((a for a in arms if a.kind == "conditioning" and a.method == REFERENCE), None)
     for ax, (stat, title) in zip(axes[0], panels, strict=True):
         y = np.arange(len(arms))[::-1]
         values = [a.row.get(stat) for a in arms]
@@ -338,7 +388,7 @@ def unique_arms(arms: list[Arm]) -> list[Arm]:
     return unique
 
 
-def markdown_report(arms: list[Arm], findings: list[str]) -> str:
+def markdown_report(arms: list[Arm], findings: list[str], agreement: list[str] = ()) -> str:
     titles = {"conditioning": "Conditioning (PAPERS.md §2.3), no mitigation",
               "train": "Train-time mitigations (§2.5), instance-level captions",
               "inference": "Inference-time mitigations (§2.6), on the instance-level model without mitigation"}  # fmt: skip
@@ -351,6 +401,8 @@ def markdown_report(arms: list[Arm], findings: list[str]) -> str:
         if rows:
             parts.append(f"## {titles[kind]}\n\n{markdown_table(rows, TABLE_COLUMNS)}\n")
     parts.append("## Findings\n\n" + "".join(f"- {f}\n" for f in findings))
+    if agreement:
+        parts.append("## Across training seeds\n\n" + "".join(f"- {line}\n" for line in agreement))
     return "\n".join(parts)
 
 
@@ -359,7 +411,7 @@ def write_study(arms: list[Arm], out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {name: out / name for name in ("study.csv", "study.md", "study.png", "study_gallery.png")}
     write_csv([a.row for a in arms], files["study.csv"], COLUMNS)
-    files["study.md"].write_text(markdown_report(arms, check_claims(arms)))
+    files["study.md"].write_text(markdown_report(arms, check_claims(arms), seed_agreement(arms)))
     shown = unique_arms(arms)
     fig = draw_study(shown)
     fig.savefig(files["study.png"], dpi=120)
