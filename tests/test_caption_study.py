@@ -189,6 +189,10 @@ def test_several_training_seeds_are_compared_seed_by_seed_and_summarised(tmp_pat
     gn_line = next(x for x in agreement if x.startswith("train-time gn vs none, share_gt_thr:"))
     assert "lower in 1" in gn_line and "not different in 1" in gn_line and "of 2 seeds" in gn_line
 
+    fig = aggregate.draw_study(arms)
+    assert "of the arm's seed" in fig.texts[0].get_text()
+    dashed = [line for line in fig.axes[0].lines if line.get_linestyle() == "--"]
+    assert len(dashed) == len(arms)  # a tick per bar at its own seed's reference
     files = aggregate.write_study(arms, tmp_path / "out")
     assert "## Across training seeds" in files["study.md"].read_text()
     assert aggregate.seed_agreement([a for a in arms if a.seed == 0]) == []  # one seed: nothing to summarise

@@ -329,13 +329,15 @@ SHORT_KIND = {"conditioning": "cond", "train": "train", "inference": "infer"}
 
 def draw_study(arms: list[Arm]):
     """One panel per statistic (FID and CLIP score only when measured): a bar per arm, grouped and coloured by kind,
-    with its 95% bootstrap interval; the instance-level reference's value dashed."""
+    with its 95% bootstrap interval; the instance-level reference's value dashed (with several training seeds, a
+    dashed tick on each bar at the reference of the arm's own seed)."""
     panels = [(s, t) for s, t in PANELS if any(a.row.get(s) is not None for a in arms)]
     labels = [f"{SHORT_KIND[a.kind]}: {a.name}" for a in arms]
     fig, axes = plt.subplots(
         1, len(panels), figsize=(3.3 * len(panels), 0.32 * len(arms) + 1.6), squeeze=False
     )
-    reference = next((a for a in arms if a.kind == "conditioning" and a.method == REFERENCE), None)
+    references = {a.seed: a for a in arms if a.kind == "conditioning" and a.method == REFERENCE}
+    several_seeds = len(seeds_of(arms)) > 1
     for ax, (stat, title) in zip(axes[0], panels, strict=True):
         y = np.arange(len(arms))[::-1]
         values = [a.row.get(stat) for a in arms]
@@ -345,15 +347,20 @@ def draw_study(arms: list[Arm]):
             low, high = arm.row.get(f"{stat}_low"), arm.row.get(f"{stat}_high")
             xerr = None if low is None else [[value - low], [high - value]]
             ax.barh(yi, value, color=COLOURS[arm.kind], alpha=0.75, xerr=xerr, capsize=2)
-        if reference is not None and reference.row.get(stat) is not None:
+            reference = references.get(arm.seed)
+            if several_seeds and reference is not None and reference.row.get(stat) is not None:
+                ax.plot([reference.row[stat]] * 2, [yi - 0.45, yi + 0.45], "k--", linewidth=1)
+        reference = next(iter(references.values()), None)
+        if not several_seeds and reference is not None and reference.row.get(stat) is not None:
             ax.axvline(reference.row[stat], color="black", linestyle="--", linewidth=1)
         ax.set_yticks(y, labels if ax is axes[0][0] else [""] * len(arms), fontsize=8)
         ax.set_ylim(-0.6, len(arms) - 0.4)  # the same rows in every panel, also where some arms have no value
         ax.set_title(title, fontsize=9)
     threshold = arms[0].threshold
+    of_seed = " of the arm's seed" if several_seeds else ""
     fig.suptitle(f"Caption mitigations: replication of the training images ({arms[0].row.get('extractor')} "
                  f"similarity, threshold {threshold}; bars: 95% bootstrap intervals; dashed: instance-level, "
-                 "no mitigation)", fontsize=9)  # fmt: skip
+                 f"no mitigation{of_seed})", fontsize=9)  # fmt: skip
     fig.tight_layout()
     return fig
 
