@@ -326,7 +326,9 @@ class CaptionedDataModule(L.LightningDataModule):
                 f"data.subset_size={hp.subset_size} must lie in [1, {available}]: '{root}' has {len(captioned)} "
                 f"captioned images, {hp.control_size} of them held out (data.control_size)"
             )
-        order = torch.randperm(len(captioned), generator=torch.Generator().manual_seed(hp.subset_seed)).tolist()
+        order = torch.randperm(
+            len(captioned), generator=torch.Generator().manual_seed(hp.subset_seed)
+        ).tolist()
         if hp.subset_size is None and not hp.control_size:
             order = list(range(len(captioned)))
         train = sorted(captioned[i] for i in order[:size])
