@@ -227,19 +227,15 @@ def load_study(folders) -> list[Arm]:
 
 
 # ---- findings --------------------------------------------------------------------------------------------------------
-def compare(a: Arm, b: Arm, stat: str) -> str:
-    """ "<stat> 0.91 vs 0.73 (difference +0.18, 95% CI [+0.12, +0.25])" for arm a against arm b."""
-    va, vb = values_of(a, stat), values_of(b, stat)
-    function = stat_function(a, stat)
-    low, high = bootstrap_difference(va, vb, function)
-    diff = a.row[stat] - b.row[stat]
-    return f"{stat} {a.row[stat]:.3f} vs {b.row[stat]:.3f} (difference {diff:+.3f}, 95% CI [{low:+.3f}, {high:+.3f}])"
-
-
-def verdict(a: Arm, b: Arm, stat: str) -> str:
-    """ "lower" / "higher" when the bootstrap interval of a - b excludes 0, else "not different"."""
+def judge(a: Arm, b: Arm, stat: str) -> tuple[str, str]:
+    """(verdict, sentence) for arm a against arm b from one bootstrap of a - b: "lower" / "higher" when its 95%
+    interval excludes 0, else "not different"; "<stat> 0.91 vs 0.73 (difference +0.18, 95% CI [+0.12, +0.25])"."""
     low, high = bootstrap_difference(values_of(a, stat), values_of(b, stat), stat_function(a, stat))
-    return "lower" if high < 0 else "higher" if low > 0 else "not different"
+    verdict = "lower" if high < 0 else "higher" if low > 0 else "not different"
+    diff = a.row[stat] - b.row[stat]
+    sentence = (f"{stat} {a.row[stat]:.3f} vs {b.row[stat]:.3f} (difference {diff:+.3f}, "
+                f"95% CI [{low:+.3f}, {high:+.3f}])")  # fmt: skip
+    return verdict, sentence
 
 
 NO_REFERENCE = "no instance-level run without mitigation (the reference): nothing to compare"
@@ -260,44 +256,51 @@ def comparisons(arms: list[Arm]) -> list[tuple[str, Arm, Arm]] | None:
     return pairs
 
 
-def claim_findings(arms: list[Arm]) -> list[str]:
+def judgements(arms: list[Arm]) -> list[tuple[str, str, str, str, float]] | None:
+    """Every comparison of one training seed's arms on every statistic both arms have, as (label, stat, verdict,
+    sentence, difference); None without a reference."""
     pairs = comparisons(arms)
     if pairs is None:
-        return [NO_REFERENCE]
-    return [f"{label}: {verdict(a, b, stat)}: {compare(a, b, stat)}" for label, a, b in pairs for stat in CLAIM_STATS
+        return None
+    return [(label, stat, *judge(a, b, stat), a.row[stat] - b.row[stat]) for label, a, b in pairs for stat in CLAIM_STATS
             if values_of(a, stat) is not None and values_of(b, stat) is not None]  # fmt: skip
 
 
-def check_claims(arms: list[Arm]) -> list[str]:
+def judgements_by_seed(arms: list[Arm]) -> dict:
+    """{seed: `judgements` of that seed's arms}, every arm compared with the reference of its own seed."""
+    return {seed: judgements([a for a in arms if a.seed == seed]) for seed in seeds_of(arms)}
+
+
+def check_claims(arms: list[Arm], by_seed: dict | None = None) -> list[str]:
     """Findings, one sentence each, on the paper's claims (PAPERS.md §2): instance-level captions replicate more
     than class-level or no captions; each train-time and inference-time mitigation lowers the replication
     statistics of instance-level captions. A difference counts when its 95% bootstrap interval excludes 0.
-    With several training seeds every arm is compared with the reference of its own seed ("seed N: ...")."""
-    seeds = seeds_of(arms)
-    if len(seeds) < 2:
-        return claim_findings(arms)
-    return [
-        f"seed {seed}: {line}"
-        for seed in seeds
-        for line in claim_findings([a for a in arms if a.seed == seed])
-    ]
+    With several training seeds every arm is compared with the reference of its own seed ("seed N: ...").
+    by_seed: `judgements_by_seed(arms)` when already computed."""
+    by_seed = judgements_by_seed(arms) if by_seed is None else by_seed
+    if not by_seed:
+        return [NO_REFERENCE]
+    prefix = len(by_seed) > 1
+    lines = []
+    for seed, judged in by_seed.items():
+        head = f"seed {seed}: " if prefix else ""
+        lines += [f"{head}{NO_REFERENCE}"] if judged is None else [
+            f"{head}{label}: {verdict}: {sentence}" for label, _, verdict, sentence, _ in judged]  # fmt: skip
+    return lines
 
 
-def seed_agreement(arms: list[Arm]) -> list[str]:
+def seed_agreement(arms: list[Arm], by_seed: dict | None = None) -> list[str]:
     """With several training seeds, one line per comparison and statistic: how many seeds give each verdict, and
     each seed's difference ("train-time rc (p=0.1) vs none, share_gt_thr: lower in 2 of 2 seeds (seed 0: -0.250,
     seed 1: -0.180)"). The bootstrap intervals cover the sampling of generations; the seeds show whether a verdict
-    survives retraining. Empty with one seed."""
-    seeds = seeds_of(arms)
-    if len(seeds) < 2:
+    survives retraining. Empty with one seed. by_seed: `judgements_by_seed(arms)` when already computed."""
+    by_seed = judgements_by_seed(arms) if by_seed is None else by_seed
+    if len(by_seed) < 2:
         return []
     results = {}  # (label, stat) -> [(seed, verdict, difference)], in the first seed's order
-    for seed in seeds:
-        for label, a, b in comparisons([x for x in arms if x.seed == seed]) or []:
-            for stat in CLAIM_STATS:
-                if values_of(a, stat) is not None and values_of(b, stat) is not None:
-                    entry = (seed, verdict(a, b, stat), a.row[stat] - b.row[stat])
-                    results.setdefault((label, stat), []).append(entry)
+    for seed, judged in by_seed.items():
+        for label, stat, verdict, _, difference in judged or []:
+            results.setdefault((label, stat), []).append((seed, verdict, difference))
     lines = []
     for (label, stat), entries in results.items():
         counts = Counter(v for _, v, _ in entries)
@@ -418,7 +421,10 @@ def write_study(arms: list[Arm], out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {name: out / name for name in ("study.csv", "study.md", "study.png", "study_gallery.png")}
     write_csv([a.row for a in arms], files["study.csv"], COLUMNS)
-    files["study.md"].write_text(markdown_report(arms, check_claims(arms), seed_agreement(arms)))
+    by_seed = judgements_by_seed(arms)  # one bootstrap per comparison, for the findings and the agreement
+    files["study.md"].write_text(
+        markdown_report(arms, check_claims(arms, by_seed), seed_agreement(arms, by_seed))
+    )
     shown = unique_arms(arms)
     fig = draw_study(shown)
     fig.savefig(files["study.png"], dpi=120)
