@@ -1,8 +1,9 @@
 """Score a style descriptor by query/database retrieval: `python -m src.evaluate extractor=clip_vitb16 benchmark=wikiart`.
 
 Any extractor of conf/extractor/ (a trained CSD checkpoint: `extractor=csd extractor.checkpoint=...`) on any benchmark
-of conf/benchmark/. Writes `metrics.json`, a markdown row shaped like the CSD paper's Table 1 (PAPERS.md §3.8) and,
-with `save_embeddings=true`, `embeddings.npz`, which `embeddings=<file>` re-scores later without the images.
+of conf/benchmark/. Writes `metrics.json`, a markdown row shaped like the CSD paper's Table 1
+(docs/style.md#table-1) and, with `save_embeddings=true`, `embeddings.npz`, which `embeddings=<file>`
+re-scores later without the images.
 """
 
 import logging
@@ -13,52 +14,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import src.utils  # noqa: F401  (registers the config resolvers)
-from src.data.multilabel import collate_skip_none
-from src.data.retrieval import RetrievalImageDataset, RetrievalSet
+from src.data.style.retrieval import RetrievalSet
 from src.metrics import retrieval_metrics
+from src.nn.embed import embed_images
 from src.utils.embeddings import load_embeddings, save_embeddings
 from src.utils.run import print_config_tree, resolve_device, save_metrics
 
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def embed_images(
-    extractor,
-    root: Path,
-    paths: list[str],
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    desc: str,
-    project=None,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Embed images with the extractor's own preprocessing, applying `project` (e.g. a fitted PCA) to each batch so
-    that only reduced embeddings are held. Returns (embeddings (M, D), kept row indices (M,), number skipped)."""
-    loader = DataLoader(
-        RetrievalImageDataset(root, paths, extractor.transform()),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_skip_none,
-    )
-    embeddings, indices, skipped = [], [], 0
-    for batch in tqdm(loader, desc=desc, unit="batch"):
-        skipped += batch["num_skipped"]
-        if "image" in batch:
-            features = extractor(batch["image"].to(device)).float().cpu()
-            embeddings.append(project(features) if project is not None else features)
-            indices.append(batch["index"])
-    if not embeddings:
-        raise RuntimeError(f"No readable image among the {len(paths)} {desc} images under {root}.")
-    return torch.cat(embeddings), torch.cat(indices), skipped
-
-
 def fit_pca(features: torch.Tensor, dims: int):
-    """Fit a PCA with faiss (as the official VGG Gram baseline, PAPERS.md §3.6); returns x -> L2-normalised projection."""
+    """Fit a PCA with faiss (as the official VGG Gram baseline, docs/style.md#evaluation-protocol); returns x
+    -> L2-normalised projection."""
     import faiss
 
     dims = min(dims, features.shape[1], features.shape[0])

@@ -1,12 +1,13 @@
 """Contrastive losses and their helpers, as pure functions (no Lightning, no Hydra).
 
-What CSD trains with (PAPERS.md §3.2, official code learn2phoenix/CSD `CSD/losses.py`, `CSD/train_csd.py`):
+What CSD trains with (docs/style.md#loss, official code learn2phoenix/CSD `CSD/losses.py`,
+`CSD/train_csd.py`):
 - `supcon_loss`: the SupCon loss of Khosla et al. 2020 in its 'all' contrast mode. With `mask=None` it is
   SimCLR (the style SSL loss); with `mask = count_label_mask(Y)` it is CSD's multi-label loss (MCL).
 - `gather_with_grad`: all-gathers features across DDP ranks before the loss (`--use_distributed_loss`), keeping
   gradients.
 - `dann_alpha` and `grad_reverse`: the gradient-reversal layer in front of the content head and its
-  DANN coefficient schedule (PAPERS.md §3.1).
+  DANN coefficient schedule (docs/style.md#model).
 """
 
 import math
@@ -28,7 +29,7 @@ def supcon_loss(
         mask: (B, B) positive weights between samples, or None for SimCLR (the positives of an anchor are the
             other views of its own sample, i.e. mask = eye(B)). Weights are used as given, not binarised:
             CSD passes `Y @ Y.T` of multi-hot labels (see `count_label_mask`).
-        temperature: tau; CSD uses 0.1 (PAPERS.md §3.2).
+        temperature: tau; CSD uses 0.1 (docs/style.md#loss).
         base_temperature: the loss is scaled by temperature / base_temperature. CSD keeps 1.0 (so every loss is
             x0.1); the original SupCon uses 0.07.
 
@@ -80,7 +81,7 @@ def count_label_mask(labels: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, B) float counts; pairs sharing two tags weigh twice as much as pairs sharing one. This departs from
         the paper's indicator (see `binary_label_mask`) and is what the released training code does
-        (PAPERS.md §3.2). The diagonal is left in place: `supcon_loss` removes self-pairs.
+        (docs/style.md#loss). The diagonal is left in place: `supcon_loss` removes self-pairs.
     """
     if labels.dim() != 2:
         raise ValueError(
@@ -91,7 +92,7 @@ def count_label_mask(labels: torch.Tensor) -> torch.Tensor:
 
 
 def binary_label_mask(labels: torch.Tensor) -> torch.Tensor:
-    """Positive weights = 1 if two images share any tag, else 0 (the paper's target s_ij, P-CSD §5).
+    """Positive weights = 1 if two images share any tag, else 0 (the paper's target s_ij, CSD paper §5).
 
     Args:
         labels: (B, L) multi-hot labels (bool, int or float).
@@ -162,7 +163,7 @@ def dann_alpha(progress: float) -> float:
     """DANN coefficient alpha = 2 / (1 + exp(-10 p)) - 1 for training progress p = iter / iters.
 
     p is clamped to [0, 1]; alpha goes from 0 to ~0.99991. Follows Ganin & Lempitsky 2015 and the official CSD
-    code's reversal coefficient (PAPERS.md §3.1).
+    code's reversal coefficient (docs/style.md#model).
     """
     p = min(max(float(progress), 0.0), 1.0)
     return 2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0
@@ -182,5 +183,6 @@ class GradientReversal(torch.autograd.Function):
 
 
 def grad_reverse(x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """Gradient reversal layer: returns `x` unchanged, its gradient becomes -alpha * grad (PAPERS.md §3.1)."""
+    """Gradient reversal layer: returns `x` unchanged, its gradient becomes -alpha * grad
+    (docs/style.md#model)."""
     return GradientReversal.apply(x, alpha)

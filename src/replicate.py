@@ -1,8 +1,9 @@
 """Replication report of generations against a training set: `python -m src.replicate generated=DIR train=DIR`.
 
-The DCR measurement (somepago/DCR `diff_retrieval.py`, PAPERS.md §1.5, §1.9, §2.8) with any extractor of
-conf/extractor/, done by `src.replication.analysis.analyse_replication`: this entry instantiates the extractor, reads
-the optional file lists, calls it with the config's options, and saves metrics.json and the W&B log.
+The DCR measurement (somepago/DCR `diff_retrieval.py`, docs/replication.md#dcr-measurement) with any extractor
+of conf/extractor/, done by `src.replication.analysis.analyse_replication`: this entry instantiates the
+extractor, reads the optional file lists, calls it with the config's options, and saves metrics.json and the
+W&B log.
 """
 
 import logging
@@ -12,7 +13,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import src.utils  # noqa: F401  (registers the config resolvers)
-from src.replication.analysis import analyse_replication, read_file_list
+from src.data.images import read_list
+from src.replication.analysis import analyse_replication
 from src.replication.report import log_report_to_wandb
 from src.utils.run import print_config_tree, resolve_device, save_metrics
 
@@ -35,7 +37,7 @@ def replicate(cfg: DictConfig) -> dict[str, float]:
         cfg.generated,
         cfg.train,
         output_dir,
-        train_files=read_file_list(cfg.train_files, cfg.train_files_key) if cfg.train_files else None,
+        train_files=read_list(cfg.train_files, cfg.train_files_key) if cfg.train_files else None,
         k=cfg.k,
         threshold=cfg.threshold,
         gallery_size=cfg.gallery_size,

@@ -1,6 +1,8 @@
-"""Shared fixtures: a tiny embedded style benchmark and Hydra configs composed with tiny overrides."""
+"""Shared fixtures: a tiny embedded style benchmark, Hydra configs composed with tiny overrides, and one tiny
+run of each experiment, shared by the tests that read it."""
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """A data folder holding the tiny style benchmark (built once per test session)."""
-    from src.data.style_bench import build_style_bench
+    from src.data.embedded.style_bench import build_style_bench
 
     root = tmp_path_factory.mktemp("data")
     build_style_bench(root, num_workers=1, **TINY_BENCH)
@@ -53,9 +55,12 @@ def tiny_overrides(data_dir: Path, bench: bool = True, devices: int = 1) -> list
     return overrides
 
 
-# Two CPU steps, 2-step sampling, a six-image replication analysis with pixel features: any diffusion config.
+# Two CPU steps, 2-step sampling (also where an experiment sets the callbacks' own steps), a six-image
+# replication analysis with pixel features: any diffusion config.
 TINY_DIFFUSION_RUN = [
     "model.sample_steps=2",
+    "callbacks.replication.steps=2",
+    "++callbacks.sample_grid.steps=2",
     "model.scheduler.warmup_steps=1",
     "extractor=pixels",
     "trainer.accelerator=cpu",
@@ -68,6 +73,15 @@ TINY_DIFFUSION_RUN = [
     "callbacks.sample_grid.num_images=4",
     "callbacks.replication.num_images=6",
     "callbacks.replication.batch_size=6",
+]
+
+
+# open_clip.create_model's config overrides: a 2-layer, 64-wide image tower (32 px, 8 px patches) and a
+# 1-layer text tower, whatever model name the experiment builds.
+TINY_OPEN_CLIP = [
+    "+model.backbone.embed_dim=32",
+    "+model.backbone.vision_cfg={image_size: 32, layers: 2, width: 64, patch_size: 8}",
+    "+model.backbone.text_cfg={context_length: 8, vocab_size: 64, width: 32, heads: 2, layers: 1}",
 ]
 
 
@@ -132,8 +146,14 @@ def write_tiny_clip_tokenizer(folder: Path, max_length: int) -> int:
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
-              "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}  # fmt: skip
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": max_length,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return len(tokens)
 
@@ -150,27 +170,51 @@ def write_tiny_stable_diffusion(root: Path) -> Path:
     torch.manual_seed(0)
     vocab_size = write_tiny_clip_tokenizer(root / "tokenizer", TINY_SD["max_length"])
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    text_config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=TINY_SD["text_dim"], intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=2,
-                                 max_position_embeddings=TINY_SD["max_length"], bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    text_config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TINY_SD["text_dim"],
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=TINY_SD["max_length"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     CLIPTextModel(text_config).save_pretrained(root / "text_encoder")
     AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=TINY_SD["image_size"],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TINY_SD["image_size"],
         scaling_factor=TINY_SD["scaling_factor"],
-    ).save_pretrained(root / "vae")  # fmt: skip
+    ).save_pretrained(root / "vae")
     UNet2DConditionModel(
-        sample_size=TINY_SD["image_size"] // 2, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TINY_SD["text_dim"],
-        norm_num_groups=8, attention_head_dim=8,
-    ).save_pretrained(root / "unet")  # fmt: skip
+        sample_size=TINY_SD["image_size"] // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TINY_SD["text_dim"],
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ).save_pretrained(root / "unet")
     DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        prediction_type="v_prediction", clip_sample=False, steps_offset=1,
-    ).save_pretrained(root / "scheduler")  # fmt: skip
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+        clip_sample=False,
+        steps_offset=1,
+    ).save_pretrained(root / "scheduler")
     return root
 
 
@@ -197,6 +241,70 @@ def tiny_sd_overrides(data_dir: Path, sd_dir: Path, subset_size: int = 8) -> lis
     ]
 
 
+def experiment_kind(cfg) -> str:
+    """What a composed experiment trains, read from its model's class: "csd", "ddpm" or "t2i"."""
+    from hydra.utils import get_class
+
+    from src.models.csd import CSDModule
+    from src.models.ddpm import DDPMModule
+    from src.models.text2img import Text2ImageModule
+
+    kinds = {CSDModule: "csd", DDPMModule: "ddpm", Text2ImageModule: "t2i"}
+    return kinds[get_class(cfg.model._target_)]
+
+
+@dataclass
+class TinyRun:
+    run_dir: Path
+    metrics: dict[str, float]
+    kind: str
+
+
+@pytest.fixture(scope="session")
+def tiny_run(request, data_dir, tmp_path_factory):
+    """`tiny_run(experiment)` trains an experiment for two CPU steps with the tiny overrides of its kind, once
+    per session, and returns a TinyRun. Tests that only read a run, or resume it into a folder of their own,
+    share it. The tiny cluster data and the tiny Stable Diffusion directory are built only for the experiments
+    that need them: CSD on webdataset shards (`data.train_shards`), text-to-image without its own UNet."""
+    from src.train import train
+
+    runs: dict[str, TinyRun] = {}
+
+    def overrides_for(kind: str, cfg) -> list[str]:
+        if kind == "ddpm":
+            return tiny_diffusion_overrides(data_dir)
+        if kind == "t2i" and cfg.model.get("cond_unet") is None:
+            return tiny_sd_overrides(data_dir, request.getfixturevalue("tiny_sd_dir"))
+        if kind == "t2i":
+            return tiny_text2img_overrides(data_dir)
+        if "train_shards" not in cfg.data:
+            return tiny_overrides(data_dir)
+        # the experiment's open_clip ViT at a tiny width and depth, on tiny shards and the WikiArt layout
+        cluster = request.getfixturevalue("tiny_cluster_data")
+        return [
+            *tiny_overrides(data_dir, bench=False),
+            "model.backbone.pretrained=null",
+            *TINY_OPEN_CLIP,
+            "data.image_size=32",
+            "model.scheduler.warmup_steps=1",
+            f"data.train_shards='{cluster['shards']}'",
+            f"data.val_root={cluster['wikiart']}",
+            f"data.vocab_file={cluster['vocab']}",
+            "data.epoch_length=16",
+        ]
+
+    def run(experiment: str) -> TinyRun:
+        if experiment not in runs:
+            run_dir = tmp_path_factory.mktemp(experiment)
+            declared = compose_config("train.yaml", [f"experiment={experiment}"], run_dir)
+            kind = experiment_kind(declared)
+            overrides = [f"experiment={experiment}", *overrides_for(kind, declared)]
+            runs[experiment] = TinyRun(run_dir, train(compose_config("train.yaml", overrides, run_dir)), kind)
+        return runs[experiment]
+
+    return run
+
+
 def compose_config(config_name: str, overrides: list[str], output_dir: Path):
     """Compose a config as `python -m src.<entry>` would, with the run directory set to `output_dir`."""
     GlobalHydra.instance().clear()
@@ -216,7 +324,7 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path):
 @pytest.fixture(scope="session")
 def bench_dir(data_dir) -> Path:
     """The folder of the tiny style benchmark inside `data_dir`."""
-    from src.data.style_bench import build_style_bench
+    from src.data.embedded.style_bench import build_style_bench
 
     return build_style_bench(data_dir, num_workers=1, **TINY_BENCH)
 

@@ -57,7 +57,7 @@ def test_open_clip_local_checkpoint_round_trip_and_projection_split(tiny_clip_na
 
 
 def test_open_clip_vit_b16_dims_and_image_size_override():
-    """PAPERS.md §3.1: CLIP ViT-B/16 has 768-d pre-projection features and a 768x512 projection."""
+    """docs/style.md#model: CLIP ViT-B/16 has 768-d pre-projection features and a 768x512 projection."""
     backbone = build_backbone("ViT-B-16", pretrained=None, image_size=32)
     assert backbone.name == "ViT-B-16" and backbone.image_size == 32
     assert backbone.feature_dim == 768 and backbone.projection.shape == (768, 512)

@@ -1,17 +1,122 @@
-"""The replication benchmarks at tiny sizes: their tables have the expected rows, and every search variant finds
-the brute-force top-1."""
+"""The benchmarks (benchmarks/) at tiny sizes: the harness measures what it says, the methods each benchmark
+compares agree (same metrics, same top-1, same first loss and weights), and every table has the expected
+rows."""
 
 import pytest
 import torch
+from hydra.errors import MissingConfigException
 
-from src.benchmarks import extractor_throughput, replication_search
+from benchmarks import (
+    ddpm_sampling,
+    extractor_throughput,
+    harness,
+    lightning_overhead,
+    replication_search,
+)
+from benchmarks import retrieval_metrics as retrieval_bench
+from src.metrics import retrieval_metrics
 
-TINY = ["--generated", "40", "--train", "300", "--dim", "16"]
+
+@pytest.fixture
+def one_thread():
+    """The benchmarks set torch's thread count; restore it for the tests that follow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-def brute_force_top1(generated: torch.Tensor, train: torch.Tensor):
-    sims = generated.double() @ train.double().T  # (G, N)
-    return sims.max(dim=1)
+# ---- harness ---------------------------------------------------------------------------------------------
+def test_table_aligns_text_left_numbers_right_and_marks_missing_values(capsys):
+    rows = [{"name": "a", "ms": 1.25, "ratio": 0.5}, {"name": "longer name", "ms": 10.0}]
+    harness.print_table(rows, [("name", "method", ""), ("ms", "time (ms)", ".1f"), ("ratio", "ratio", ".0%")])
+    assert capsys.readouterr().out.splitlines() == [
+        "method       time (ms)  ratio",
+        "a                  1.2    50%",
+        "longer name       10.0      -",
+    ]
+
+
+def test_interleave_alternates_which_side_goes_first(capsys):
+    order = []
+    results = harness.interleave(
+        {
+            "a": lambda: order.append("a") or {"n": len(order)},
+            "b": lambda: order.append("b") or {"n": len(order)},
+        },
+        repeats=3,
+        describe=lambda result: str(result["n"]),
+    )
+    assert order == ["a", "b", "b", "a", "a", "b"]
+    assert [r["n"] for r in results["a"]] == [1, 4, 5] and [r["n"] for r in results["b"]] == [2, 3, 6]
+    assert "round 3/3: a 5, b 6" in capsys.readouterr().out
+
+
+def test_time_calls_times_each_draw_after_an_untimed_one():
+    draws = []
+    median_us, outputs = harness.time_calls(
+        lambda draw: draws.append(draw) or draw * 2, 3, torch.device("cpu")
+    )
+    assert draws == [0, 1, 2, 3] and outputs == [2, 4, 6] and median_us > 0
+
+
+def test_peak_memory_sees_an_allocation_after_reset():
+    memory = harness.PeakMemory(torch.device("cpu"))
+    memory.reset()
+    block = torch.ones(64 * harness.MIB // 4)  # 64 MiB, written so the pages are resident
+    assert memory.rise() >= 48 * harness.MIB and memory.peak() >= memory.before + memory.rise()
+    del block
+
+
+def test_check_device_rejects_fp16_on_cpu_and_missing_cuda():
+    with pytest.raises(SystemExit, match="bf16-mixed"):
+        harness.check_device(lightning_overhead.parse_args(["--module", "ddpm", "--precision", "16-mixed"]))
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            harness.check_device(lightning_overhead.parse_args(["--module", "ddpm", "--device", "cuda"]))
+
+
+@pytest.mark.slow
+def test_run_worker_names_the_worker_that_failed():
+    with pytest.raises(RuntimeError, match="worker 'chunked' exited with code 2"):
+        harness.run_worker("retrieval_metrics", "chunked", {"queries": -1, "no_such_option": 1})
+
+
+# ---- retrieval metrics -----------------------------------------------------------------------------------
+def test_retrieval_baseline_and_phases_agree_with_retrieval_metrics():
+    query, database, query_labels, database_labels = retrieval_bench.make_data(40, 300, 16, 5, seed=0)
+    ks = (1, 10, 100)
+    ours = retrieval_metrics(query, database, query_labels, database_labels, ks=ks, chunk_size=16)
+    assert retrieval_bench.full_argsort_metrics(query, database, query_labels, database_labels, ks) == ours
+    for method in ("chunked", "full"):
+        phases = retrieval_bench.time_phases(method, query, database, query_labels, database_labels, ks, 16)
+        assert set(phases) == {"matmul", "select", "hits", "count_relevant", "metrics"}
+        assert all(seconds >= 0.0 for seconds in phases.values())
+
+
+@pytest.mark.slow
+def test_retrieval_benchmark_runs_each_method_in_its_own_process(capsys, one_thread):
+    argv = [
+        "--queries",
+        "40",
+        "--database",
+        "300",
+        "--dim",
+        "16",
+        "--labels",
+        "5",
+        "--baseline-queries",
+        "20",
+    ]
+    ours, base = retrieval_bench.main([*argv, "--threads", "1"])
+    assert ours["queries"] == 40 and base["queries"] == 20 and ours["shared_metrics"] == base["metrics"]
+    out = capsys.readouterr().out
+    assert "EXTRAPOLATED x2.0" in out and "max |chunked - baseline| = 0.00e+00" in out
+    assert "ceiling for any exact float32 method" in out
+
+
+# ---- replication search ----------------------------------------------------------------------------------
+TINY = ["--generated", "40", "--train", "300", "--dim", "16", "--threads", "1"]
 
 
 def test_features_are_seeded_unit_vectors():
@@ -24,10 +129,10 @@ def test_features_are_seeded_unit_vectors():
 
 @pytest.mark.parametrize("variant", ["auto", "torch", "torch_half", "faiss", "dcr"])
 def test_every_search_variant_finds_the_brute_force_top1(variant):
-    args = replication_search.parse_args([*TINY, "--baseline-queries", "40", "--in-process"])
-    result = replication_search.run_variant(variant, args)
+    args = replication_search.parse_args([*TINY, "--baseline-queries", "40"])
+    result = replication_search.measure(variant, args)
     generated, train = replication_search.make_features(40, 300, 16, args.seed)
-    best, index = brute_force_top1(generated, train)
+    best, index = (generated.double() @ train.double().T).max(dim=1)
     assert result["variant"] == variant and result["generated"] == 40
     assert result["seconds"] > 0 and result["peak_bytes"] >= 0
     assert result["indices"] == index.tolist()
@@ -36,20 +141,20 @@ def test_every_search_variant_finds_the_brute_force_top1(variant):
 
 
 def test_matmul_references_return_no_matches():
-    args = replication_search.parse_args([*TINY, "--in-process"])
+    args = replication_search.parse_args(TINY)
     for variant in ("matmul", "matmul_numpy"):
-        result = replication_search.run_variant(variant, args)
+        result = replication_search.measure(variant, args)
         assert result["seconds"] > 0 and "indices" not in result
 
 
-def test_search_benchmark_table_in_process(capsys):
+def test_search_benchmark_table_in_process(capsys, one_thread):
     rows = replication_search.main([*TINY, "--baseline-queries", "10", "--in-process"])
     out = capsys.readouterr().out
     assert [row["variant"] for row in rows] == list(replication_search.VARIANTS)
     keys = {"label", "seconds", "gflops", "of_matmul", "peak_mib", "dcr_time_ratio", "dcr_memory_ratio"}
     assert all(keys <= set(row) for row in rows)
     by_variant = {row["variant"]: row for row in rows}
-    # The DCR baseline ran on 10 of the 40 generations and is extrapolated x4; every search agrees with it there.
+    # The DCR baseline ran on 10 of the 40 generations, extrapolated x4; every search agrees with it there.
     assert by_variant["dcr"]["measured_generated"] == 10 and by_variant["dcr"]["extrapolated"]
     assert "DCR full matrix + topk EXTRAPOLATED" in out
     for variant in ("auto", "torch", "faiss"):
@@ -68,19 +173,20 @@ def test_search_benchmark_rejects_bad_sizes():
 
 
 @pytest.mark.slow
-def test_search_benchmark_runs_each_variant_in_its_own_process(capsys):
+def test_search_benchmark_runs_each_variant_in_its_own_process(capsys, one_thread):
     rows = replication_search.main([*TINY, "--variants", "torch", "faiss"])
     assert [row["variant"] for row in rows] == ["matmul", "torch", "faiss", "dcr"]
     assert all(row["agree"] == row["compared"] == 40 for row in rows if "agree" in row)
     assert "Replication search benchmark" in capsys.readouterr().out
 
 
+# ---- extractor throughput --------------------------------------------------------------------------------
 def test_extractor_configs_build_without_downloads_or_say_why():
     extractor, reason = extractor_throughput.build_without_downloads("sscd")
     assert reason is None and extractor.name == "sscd_resnet50_random_dcr"
     extractor, reason = extractor_throughput.build_without_downloads("csd")
     assert extractor is None and "checkpoint" in reason
-    with pytest.raises(FileNotFoundError, match="no extractor config"):
+    with pytest.raises(FileNotFoundError, match="choose one of"):
         extractor_throughput.build_without_downloads("nope")
 
 
@@ -90,21 +196,31 @@ def test_flop_count_of_resnet50():
     assert 8.0e9 < flops < 8.4e9  # ResNet-50 at 224 px: 4.1 G multiply-adds (+ the 2048 x 512 projection)
 
 
+def vit_flops(attention: bool = True, image_size=224, patch=16, width=768, layers=12, out_dim=512) -> int:
+    """FLOPs (2 per multiply-accumulate) of a ViT image tower on one image, as matrix products: the patch
+    embedding (P patches of 3 * patch^2 values onto `width`); per layer, for N = P + 1 tokens (the class
+    token), the q, k, v and output projections (4 N d^2) and the MLP of width 4d (8 N d^2), and with
+    `attention` its two products Q K^T and softmax(.) V (2 N^2 d over all heads); then the class token's
+    projection (d x out_dim)."""
+    patches = (image_size // patch) ** 2
+    n = patches + 1
+    per_layer = 12 * n * width**2 + (2 * n * n * width if attention else 0)
+    return 2 * (patches * 3 * patch**2 * width + layers * per_layer + width * out_dim)
+
+
 @pytest.mark.slow
-def test_flop_count_of_clip_sees_the_fused_attention():
-    from torch.utils.flop_counter import FlopCounterMode
-
+def test_flop_count_of_clip_counts_attention():
+    """The counter sees attention at all (nn.MultiheadAttention's fused fast path and the CPU attention kernel
+    both hide it from torch's own formulas) and the total is the analytic count of ViT-B/16, 35.1 GFLOP."""
     clip, _ = extractor_throughput.build_without_downloads("clip_vitb16")
-    image = torch.zeros(3, 224, 224)
-    flops = extractor_throughput.flops_per_image(clip, image)
-    assert 34.5e9 < flops < 36e9  # ViT-B/16 at 224 px: 17.6 G multiply-adds
+    flops = extractor_throughput.flops_per_image(clip, torch.zeros(3, 224, 224))
+    assert flops == pytest.approx(vit_flops(), rel=0.05)
+    attention = vit_flops() - vit_flops(attention=False)  # 2.9 GFLOP
+    assert flops > vit_flops(attention=False) + attention / 2
     assert torch.backends.mha.get_fastpath_enabled()  # switched back on
-    with FlopCounterMode(display=False) as counter:  # nn.MultiheadAttention's fused fast path is not counted
-        clip(image.unsqueeze(0))
-    assert counter.get_total_flops() < 0.8 * flops
 
 
-def test_extractor_benchmark_table(capsys):
+def test_extractor_benchmark_table(capsys, one_thread):
     argv = [
         "--extractors",
         "pixels",
@@ -112,56 +228,47 @@ def test_extractor_benchmark_table(capsys):
         "csd",
         "--batch-size",
         "2",
-        "--warmup",
-        "1",
         "--batches",
         "2",
+        "--threads",
+        "1",
     ]
     rows, skipped = extractor_throughput.main(argv)
     assert [row["extractor"] for row in rows] == ["pixels", "color_hist"]
     assert list(skipped) == ["csd"]
     pixels, hist = rows
-    assert pixels["input"] == (32, 32) and pixels["dim"] == 3 * 32 * 32
-    assert hist["input"] == (64, 64) and hist["dim"] == 8**3
+    assert pixels["input"] == "32x32" and pixels["dim"] == 3 * 32 * 32
+    assert hist["input"] == "64x64" and hist["dim"] == 8**3
     for row in rows:
         assert row["images_per_s"] > 0 and row["preprocess_images_per_s"] > 0
         assert row["images_per_s"] == pytest.approx(2000 / row["ms_per_batch"])
         assert row["gflops_per_image"] == 0.0  # no matrix product or convolution in either
     out = capsys.readouterr().out
-    assert "Extractor throughput on the CPU" in out and "csd" in out and "skipped" in out
+    assert "Extractor throughput on cpu" in out and "csd skipped: needs checkpoint" in out
 
 
 def test_extractor_benchmark_rejects_unknown_configs():
     with pytest.raises(SystemExit):
         extractor_throughput.parse_args(["--extractors", "sscd", "nope"])
-    assert extractor_throughput.parse_args(["--extractors", "all"]).extractors == (
-        extractor_throughput.available_configs()
+    assert extractor_throughput.parse_args(["--extractors", "all"]).extractors == harness.config_names(
+        "extractor"
     )
 
 
-# ---- DDPM benchmarks (src/benchmarks/ddpm_step.py, ddpm_sampling.py) ------------------------------------------------
-DDPM_TINY = ["--image-size", "16", "--batch-size", "2", "--threads", "1"]
+# ---- Lightning overhead ----------------------------------------------------------------------------------
+STEP_TINY = ["--batch-size", "2", "--threads", "1", "--steps", "2", "--repeats", "1", "--warmup", "1"]
 
 
-@pytest.fixture
-def one_thread():
-    """The DDPM benchmarks set torch's thread count (1: OpenMP threads on busy shared CPUs wait for each other);
-    restore it for the tests that follow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_ddpm_step_benchmark_same_math_and_report(capsys, one_thread):
-    """Both sides start from the same weights and noise: same first loss, bitwise the same weights (trained and
-    EMA) after the warm-up window on the CPU. The summary's ratios are those of its rows."""
-    from src.benchmarks import ddpm_step
-
-    summary = ddpm_step.main([*DDPM_TINY, "--steps", "2", "--repeats", "1", "--warmup", "1"])
-    assert summary["loss"]["lightning"] == summary["loss"]["plain"]
-    assert summary["loss"]["plain"] > 0.1  # an untrained ε-prediction: MSE near 1, not a degenerate 0
-    assert summary["weight_diff"] == {"unet": 0.0, "ema": 0.0}
+@pytest.mark.parametrize(
+    "module, image_size", [("ddpm", "16"), pytest.param("csd", "32", marks=pytest.mark.slow)]
+)
+def test_lightning_overhead_same_math_and_report(module, image_size, capsys, one_thread):
+    """Both sides start from the same weights and noise: the same first loss, and bitwise the same weights of
+    every submodule (for DDPM the trained UNet and its EMA copy) after the warm-up window on the CPU."""
+    summary = lightning_overhead.main(["--module", module, "--image-size", image_size, *STEP_TINY])
+    assert summary["loss"]["lightning"] == summary["loss"]["plain"] > 0.01
+    expected = {"ddpm": {"unet", "ema"}, "csd": {"net"}}[module]
+    assert set(summary["weight_diff"]) == expected and set(summary["weight_diff"].values()) == {0.0}
     for name in ("lightning", "plain"):
         row = summary[name]
         assert 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"] and row["peak_mib"] > 0
@@ -169,46 +276,62 @@ def test_ddpm_step_benchmark_same_math_and_report(capsys, one_thread):
     assert summary["memory_ratio"] == summary["lightning"]["peak_mib"] / summary["plain"]["peak_mib"]
     out = capsys.readouterr().out
     assert f"ratio Lightning / plain (median step): {summary['ratio']:.3f}" in out
-    assert "Lightning Trainer.fit (DDPMModule)" in out and "plain diffusers + PyTorch loop" in out
+    assert f"Lightning Trainer.fit ({summary['module']})" in out and "plain PyTorch loop" in out
 
 
-def test_ddpm_step_plain_loop_without_ema_is_caught(one_thread):
+def test_lightning_overhead_plain_loop_without_ema_is_caught(one_thread):
     """The weight check has teeth: a plain loop that skips the EMA update ends with a different EMA copy."""
-    from src.benchmarks import ddpm_step as bench
-
-    args = bench.parse_args([*DDPM_TINY, "--warmup", "1"])
-    batch = bench.make_batch(args.batch_size, args.image_size, args.seed)
-    timer = bench.StepTimer(bench.PeakMemory(torch.device("cpu")), torch.device("cpu"))
-    lightning = bench.build_module(args)
-    bench.lightning_window(lightning, batch, args.warmup, args, timer)
-    plain = bench.PlainLoop(bench.build_module(args), args)
+    args = lightning_overhead.parse_args(["--module", "ddpm", "--image-size", "16", *STEP_TINY])
+    lightning_overhead.quiet_lightning()
+    batch = lightning_overhead.make_batch(args)
+    timer = harness.StepTimer(harness.PeakMemory(torch.device("cpu")))
+    lightning = lightning_overhead.build_module(args)
+    lightning_overhead.lightning_window(lightning, batch, args.warmup, args, timer)
+    plain = lightning_overhead.PlainLoop(lightning_overhead.build_module(args), args)
     plain.module.ema.update_parameters = lambda model: None  # the bug under test
     plain.window(batch, args.warmup, timer)
-    diff = bench.max_weight_difference(lightning, plain.module)
+    diff = lightning_overhead.weight_differences(lightning, plain.module)
     assert diff["unet"] == 0.0 and diff["ema"] > 0.0
 
 
-def test_ddpm_benchmarks_reject_bad_arguments():
-    from src.benchmarks import ddpm_sampling, ddpm_step
+def test_lightning_overhead_arguments():
+    with pytest.raises(SystemExit):
+        lightning_overhead.parse_args([])  # --module is required
+    csd = lightning_overhead.parse_args(["--module", "csd"])
+    assert (csd.image_size, csd.batch_size) == (64, 32)
+    ddpm = lightning_overhead.parse_args(["--module", "ddpm", "--batch-size", "4", "model/unet=ddpm_64"])
+    assert (ddpm.image_size, ddpm.batch_size, ddpm.overrides) == (32, 4, ["model/unet=ddpm_64"])
+    with pytest.raises(MissingConfigException, match="nope"):
+        lightning_overhead.build_module(
+            lightning_overhead.parse_args(["--module", "ddpm", "model/unet=nope"])
+        )
 
-    with pytest.raises(SystemExit, match="tiny"):  # names the configs that exist
-        ddpm_step.build_module(ddpm_step.parse_args(["--unet", "nope"]))
-    with pytest.raises(SystemExit, match="bf16-mixed"):
-        ddpm_step.parse_args(["--precision", "16-mixed"])
-    with pytest.raises(SystemExit, match="1..1000"):
+
+def test_csd_batch_has_two_views_and_one_to_three_labels():
+    batch = lightning_overhead.csd_batch(4, 32, 10, seed=0)
+    assert batch["images"].shape == (4, 2, 3, 32, 32)
+    assert ((batch["labels"] > 0).sum(dim=1) >= 1).all() and ((batch["labels"] > 0).sum(dim=1) <= 3).all()
+    assert torch.equal(lightning_overhead.csd_batch(4, 32, 10, seed=0)["labels"], batch["labels"])
+
+
+# ---- DDPM sampling ---------------------------------------------------------------------------------------
+SAMPLING_TINY = ["--image-size", "16", "--batch-size", "2", "--threads", "1"]
+
+
+def test_ddpm_sampling_arguments():
+    with pytest.raises(SystemExit):
         ddpm_sampling.parse_args(["--ddpm-steps", "0"])
     assert ddpm_sampling.parse_args([]).ddpm_steps == 20  # the CPU default
     assert ddpm_sampling.parse_args(["--ddpm-steps", "1000"]).ddpm_steps == 1000
 
 
 def test_ddpm_sampling_summary_by_hand():
-    from src.benchmarks.ddpm_sampling import MIB, summarize
-
+    mib = harness.MIB
     calls = {
-        "ddpm": [{"seconds": s, "peak": p * MIB} for s, p in ((2.0, 3), (5.0, 1), (4.0, 1))],
-        "ddim": [{"seconds": 1.0, "peak": 2 * MIB}],
+        "ddpm": [{"seconds": s, "peak": p * mib} for s, p in ((2.0, 3), (5.0, 1), (4.0, 1))],
+        "ddim": [{"seconds": 1.0, "peak": 2 * mib}],
     }
-    rows = summarize(calls, {"ddpm": 10, "ddim": 50}, batch_size=8)
+    rows = ddpm_sampling.summarize(calls, {"ddpm": 10, "ddim": 50}, batch_size=8)
     assert [(r["name"], r["extrapolated"]) for r in rows] == [
         ("DDPM-10", False),
         ("DDPM-1000", True),
@@ -221,13 +344,12 @@ def test_ddpm_sampling_summary_by_hand():
     assert ddpm_full["ms_per_step"] == 400.0 and ddpm_full["peak_mib"] is None
     assert ddim["images_per_s"] == 8.0 and ddim["ms_per_step"] == pytest.approx(20.0)
     assert ddim["peak_mib"] == 2.0
-    assert [r["name"] for r in summarize(calls, {"ddpm": 1000, "ddim": 50}, 8)] == ["DDPM-1000", "DDIM-50"]
+    names = [r["name"] for r in ddpm_sampling.summarize(calls, {"ddpm": 1000, "ddim": 50}, 8)]
+    assert names == ["DDPM-1000", "DDIM-50"]
 
 
 def test_ddpm_sampling_benchmark_table(capsys, one_thread):
-    from src.benchmarks import ddpm_sampling
-
-    rows = ddpm_sampling.main([*DDPM_TINY, "--ddpm-steps", "4", "--ddim-steps", "3", "--repeats", "1"])
+    rows = ddpm_sampling.main([*SAMPLING_TINY, "--ddpm-steps", "4", "--ddim-steps", "3", "--repeats", "1"])
     assert [row["name"] for row in rows] == ["DDPM-4", "DDPM-1000", "DDIM-3"]
     ddpm, ddpm_full, ddim = rows
     for row in (ddpm, ddim):
@@ -239,12 +361,9 @@ def test_ddpm_sampling_benchmark_table(capsys, one_thread):
 
 
 def test_ddpm_sampling_call_returns_the_seeded_images(one_thread):
-    from src.benchmarks import ddpm_sampling
-    from src.benchmarks.ddpm_step import build_module
-
-    args = ddpm_sampling.parse_args(DDPM_TINY)
-    module = build_module(args)
-    memory = ddpm_sampling.PeakMemory(torch.device("cpu"))
+    args = ddpm_sampling.parse_args(SAMPLING_TINY)
+    module = ddpm_sampling.build_module(args)
+    memory = harness.PeakMemory(torch.device("cpu"))
     result = ddpm_sampling.time_generate(module, "ddim", 2, args, memory)
     assert result["images"].shape == (2, 16, 16, 3) and result["images"].dtype == torch.uint8
     assert torch.equal(result["images"], module.generate([0, 1], sampler="ddim", steps=2))

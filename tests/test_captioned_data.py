@@ -1,5 +1,6 @@
 """Captioned data for text-conditional diffusion: the embedded captioned faces, conditioning levels, duplication
-weights and the weighted sampler, train-time caption mitigations, and bad captions files (PAPERS.md §2.3-§2.5)."""
+weights and the weighted sampler, train-time caption mitigations, and bad captions files
+(docs/memorization.md#caption-mitigations)."""
 
 import json
 from collections import Counter
@@ -10,8 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from src.data.captioned import CaptionedDataModule, WeightedDrawSampler, class_name_of
-from src.data.captioned_faces import CAPTIONS_FILE, CLASS_NAMES, IMAGES_DIR, build_captioned_faces, face_name
+from src.data.diffusion.captioned import CaptionedDataModule, WeightedDrawSampler, class_name_of
+from src.data.embedded.captioned_faces import (
+    CAPTIONS_FILE,
+    CLASS_NAMES,
+    IMAGES_DIR,
+    build_captioned_faces,
+    face_name,
+)
 from tests.conftest import compose_config
 
 
@@ -30,8 +37,16 @@ def data_dir(tmp_path_factory):
 
 
 def faces(data_dir, tmp_path, **kwargs) -> CaptionedDataModule:
-    settings = dict(root="embedded_faces", data_dir=str(data_dir), image_size=16, batch_size=4, num_workers=0,
-                    pin_memory=False, weights_file=str(tmp_path / "weights.json"), tokenizer=StubTokenizer())  # fmt: skip
+    settings = {
+        "root": "embedded_faces",
+        "data_dir": str(data_dir),
+        "image_size": 16,
+        "batch_size": 4,
+        "num_workers": 0,
+        "pin_memory": False,
+        "weights_file": str(tmp_path / "weights.json"),
+        "tokenizer": StubTokenizer(),
+    }
     module = CaptionedDataModule(**{**settings, **kwargs})
     module.setup()
     return module
@@ -88,8 +103,11 @@ def test_conditioning_levels_give_the_dcr_captions_and_prompts(data_dir, tmp_pat
     data = faces(data_dir, tmp_path, conditioning=level)
     fed = {path: data.dataset.caption(i, draw=0) for i, path in enumerate(data.train_files)}
     first = data.train_files[0]  # "bright_face/face_..."
-    expected = {"nolevel": "An image", "classlevel": f"An image of {class_name_of(first)}",
-                "instancelevel_blip": data.captions[first][0]}  # fmt: skip
+    expected = {
+        "nolevel": "An image",
+        "classlevel": f"An image of {class_name_of(first)}",
+        "instancelevel_blip": data.captions[first][0],
+    }
     if level in expected:
         assert data.dataset.caption(0, draw=5) == expected[level]
     prompts, sources = data.train_prompts(50, seed=1)
@@ -179,7 +197,8 @@ def test_sampler_draws_up_weighted_images_five_times_as_often(data_dir, tmp_path
     counts = np.bincount([i for _, i in draws], minlength=100)
     up = data.weights.numpy() > 1
     assert up.sum() == 5
-    assert counts[up].sum() / 24000 == pytest.approx(25 / 120, abs=0.012)  # 20.8% of draws (PAPERS.md §2.4)
+    # 20.8% of draws (docs/memorization.md#duplication)
+    assert counts[up].sum() / 24000 == pytest.approx(25 / 120, abs=0.012)
     assert counts[up].mean() / counts[~up].mean() == pytest.approx(5, rel=0.1)
     assert list(sampler) == draws
     sampler.set_epoch(1)
@@ -262,10 +281,14 @@ def test_bad_settings_are_refused_with_the_valid_values(folder, tmp_path):
         folder_data(root, {**captions, "top.png": ["x"]}, tmp_path, conditioning="classlevel")
 
 
-def test_unreadable_images_are_skipped_and_counted(folder, tmp_path):
+def test_unreadable_images_are_left_out_of_the_selection_or_skipped_and_counted(folder, tmp_path, caplog):
     root, captions = folder
     (root / "cats/1.png").write_bytes(b"not a png")
-    data = folder_data(root, captions, tmp_path, batch_size=6, samples_per_epoch=60)
+    data = folder_data(root, captions, tmp_path, batch_size=5, samples_per_epoch=60, control_size=1)
+    assert "cats/1.png" not in data.train_files + data.control_files  # found unusable while selecting
+    assert len(data.train_files) == 4 and len(data.control_files) == 1
+    assert "skipped 1 unreadable image(s)" in caplog.text
+    (root / data.train_files[0]).write_bytes(b"broken after the selection")
     batches = list(data.train_dataloader())
     skipped = sum(b["num_skipped"] for b in batches)
     kept = sum(len(b["caption"]) for b in batches if "caption" in b)
@@ -276,12 +299,12 @@ def test_unreadable_images_are_skipped_and_counted(folder, tmp_path):
 
 
 def test_captioned_faces_config_composes_with_a_mitigation(data_dir, tmp_path):
-    cfg = compose_config("train", ["data=captioned_faces", "mitigation=rc", f"paths.data_dir={data_dir}",
-                                   "data.image_size=16"], tmp_path)  # fmt: skip
+    overrides = ["data=captioned_faces", "mitigation=rc", f"paths.data_dir={data_dir}", "data.image_size=16"]
+    cfg = compose_config("train", overrides, tmp_path)
     data = hydra.utils.instantiate(cfg.data, tokenizer=StubTokenizer())
     assert data.mitigation == ("rc", {"p": 0.1})
-    assert (data.hparams.conditioning, data.hparams.duplication, data.hparams.root) == (
-        "instancelevel_blip", "nodup", "embedded_faces")  # fmt: skip
+    settings = (data.hparams.conditioning, data.hparams.duplication, data.hparams.root)
+    assert settings == ("instancelevel_blip", "nodup", "embedded_faces")
     assert len(data.train_files) == 100 and (tmp_path / "sampling_weights.json").is_file()
 
 

@@ -14,23 +14,31 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from src.data.images import IMAGE_EXTENSIONS, UnreadableImage, list_images, load_rgb
-from src.data.multilabel import (
+from src.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageListDataset,
+    UnreadableImage,
+    build_atomically,
+    collate_skip_none,
+    image_batches,
+    list_images,
+    load_rgb,
+    read_list,
+)
+from src.data.style.datamodule import StyleDataModule
+from src.data.style.multilabel import (
     StyleFolderDataset,
     TagVocabulary,
-    collate_skip_none,
     read_annotations,
     style_webdataset,
 )
-from src.data.retrieval import (
-    RetrievalImageDataset,
+from src.data.style.retrieval import (
     RetrievalSet,
     load_domainnet,
     load_retrieval_csv,
     load_wikiart,
 )
-from src.data.style_datamodule import StyleDataModule
-from src.data.transforms import (
+from src.data.style.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     MultiView,
@@ -113,6 +121,68 @@ def test_list_images_is_sorted_recursive_and_explains_failures(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no image file.*\.jpg"):
         list_images(tmp_path / "empty")
     assert ".png" in IMAGE_EXTENSIONS
+
+
+def test_read_list_reads_txt_json_lists_and_a_key_of_an_object(tmp_path):
+    (tmp_path / "a.txt").write_text(" x.png \n\nsub/y.png\n")
+    (tmp_path / "b.json").write_text(json.dumps(["x.png"]))
+    (tmp_path / "c.json").write_text(json.dumps({"train": ["x.png"], "control": ["z.png"]}))
+    assert read_list(tmp_path / "a.txt") == ["x.png", "sub/y.png"]
+    assert read_list(tmp_path / "b.json") == ["x.png"]
+    assert read_list(tmp_path / "c.json", "control") == ["z.png"]
+    with pytest.raises(KeyError, match="'held_out'.*keys: \\['control', 'train'\\]"):
+        read_list(tmp_path / "c.json", "held_out")
+    with pytest.raises(ValueError, match="holds a JSON object; expected a JSON list"):
+        read_list(tmp_path / "c.json")
+
+
+def test_read_list_errors_name_the_file_and_the_line_or_entry(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        read_list(tmp_path / "missing.txt")
+    (tmp_path / "bad.json").write_text('[\n  "x.png",\n  oops\n]')
+    with pytest.raises(ValueError, match="bad.json', line 3: not valid JSON"):
+        read_list(tmp_path / "bad.json")
+    (tmp_path / "mixed.json").write_text(json.dumps(["x.png", 3]))
+    with pytest.raises(ValueError, match="mixed.json', entry 1: 3 is not a non-empty string"):
+        read_list(tmp_path / "mixed.json")
+    (tmp_path / "object.json").write_text(json.dumps({"train": "x.png"}))
+    with pytest.raises(ValueError, match="must hold a JSON list of strings, not str"):
+        read_list(tmp_path / "object.json", "train")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="empty.txt' holds no entry"):
+        read_list(tmp_path / "empty.txt")
+
+
+def test_build_atomically_builds_once_and_never_reuses_an_interrupted_build(tmp_path):
+    calls = []
+
+    def write(folder):
+        calls.append(folder)
+        (folder / "data.txt").write_text("x")
+        return {"count": 1}
+
+    folder = build_atomically(tmp_path, "set_v1", write)
+    assert (folder / "data.txt").read_text() == "x" and json.loads((folder / "meta.json").read_text()) == {
+        "count": 1
+    }
+    assert build_atomically(tmp_path, "set_v1", write) == folder and len(calls) == 1  # reused
+    build_atomically(tmp_path, "set_v1", write, force=True)
+    assert len(calls) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["set_v1"]  # no temporary left
+
+    def crash(folder):
+        (folder / "half.txt").write_text("x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_atomically(tmp_path, "other_v1", crash)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set_v1"]
+    (tmp_path / "other_v1").mkdir()
+    with pytest.raises(RuntimeError, match="no meta.json"):
+        build_atomically(tmp_path, "other_v1", write)
+    stale = tmp_path / ".set_v2.tmp-999999999-0000abcd"  # the temporary folder of a process that is gone
+    stale.mkdir()
+    build_atomically(tmp_path, "set_v2", write)
+    assert not stale.exists()
 
 
 def test_read_annotations_csv_and_jsonl_agree(tmp_path):
@@ -385,12 +455,19 @@ def test_subsample_is_deterministic_and_optionally_with_replacement():
     assert bench.subsample(None, None, seed=0).database == bench.database
 
 
-def test_retrieval_image_dataset_returns_none_for_unreadable(tmp_path):
+def test_image_list_dataset_and_batches_skip_unreadable_files(tmp_path, caplog):
     save_png(tmp_path / "ok.png")
     (tmp_path / "bad.png").write_bytes(b"bad")
-    dataset = RetrievalImageDataset(tmp_path, ["ok.png", "bad.png"], eval_transform(8))
+    save_png(tmp_path / "sub" / "ok2.png")
+    paths = ["ok.png", "bad.png", "sub/ok2.png"]
+    dataset = ImageListDataset(tmp_path, paths, eval_transform(8))
     assert dataset[0]["image"].shape == (3, 8, 8) and dataset[0]["index"] == 0
-    assert dataset[1] is None
+    with caplog.at_level(logging.WARNING):
+        assert dataset[1] is None and dataset[1] is None
+    assert caplog.text.count("bad.png") == 1, "an unreadable file is logged once"
+    batches = list(image_batches(tmp_path, paths, eval_transform(8), batch_size=2))
+    assert [index.tolist() for _, index in batches] == [[0], [2]]
+    assert [tuple(images.shape) for images, _ in batches] == [(1, 3, 8, 8), (1, 3, 8, 8)]
 
 
 def tiny_module(style_folder, retrieval_csv, **overrides) -> StyleDataModule:
@@ -442,7 +519,7 @@ def test_datamodule_on_a_folder_and_csv_yields_documented_batches(style_folder, 
 
 def test_datamodule_builds_the_style_bench_lazily(monkeypatch, style_folder, retrieval_csv):
     """train_format=style_bench reads train.csv and retrieval.csv from the folder build_style_bench returns."""
-    import src.data.style_bench
+    import src.data.embedded.style_bench
 
     root, annotations = style_folder
     (root / "train.csv").write_text(annotations.read_text())
@@ -451,7 +528,7 @@ def test_datamodule_builds_the_style_bench_lazily(monkeypatch, style_folder, ret
         save_png(root / path.relative_to(retrieval_csv.parent))
     calls = []
     monkeypatch.setattr(
-        src.data.style_bench, "build_style_bench", lambda bench_root, **kw: calls.append(kw) or root
+        src.data.embedded.style_bench, "build_style_bench", lambda bench_root, **kw: calls.append(kw) or root
     )
     datamodule = StyleDataModule(
         bench_root=str(root.parent), image_size=16, batch_size=2, num_workers=0, bench_seed=3
@@ -505,19 +582,23 @@ def test_datamodule_trains_from_webdataset_shards(tmp_path, retrieval_csv):
 @pytest.mark.parametrize("name", ["style_bench", "laion_styles", "style_folder"])
 def test_data_configs_match_the_datamodule(name):
     cfg = OmegaConf.load(CONF_DIR / f"{name}.yaml")
-    assert cfg._target_ == "src.data.style_datamodule.StyleDataModule"
-    keys = set(cfg.keys()) - {"_target_", "_convert_"}
-    assert keys <= set(signature(StyleDataModule).parameters), keys - set(
-        signature(StyleDataModule).parameters
-    )
+    assert cfg._target_ == "src.data.style.datamodule.StyleDataModule"
+    unknown = set(cfg.keys()) - {"_target_", "_convert_"} - set(signature(StyleDataModule).parameters)
+    assert not unknown, f"{name}.yaml has keys the datamodule does not take: {unknown}"
 
 
 def test_datamodule_on_the_real_style_bench(tmp_path):
-    """The wiring to src.data.style_bench at a tiny size: its train.csv and retrieval.csv read as documented."""
+    """The wiring to src.data.embedded.style_bench at a tiny size: its train.csv and retrieval.csv read as documented."""
     datamodule = StyleDataModule(
-        bench_root=str(tmp_path), bench_image_size=32, bench_images_per_style=4, image_size=16,
-        batch_size=4, eval_batch_size=8, num_workers=0, pin_memory=False,
-    )  # fmt: skip
+        bench_root=str(tmp_path),
+        bench_image_size=32,
+        bench_images_per_style=4,
+        image_size=16,
+        batch_size=4,
+        eval_batch_size=8,
+        num_workers=0,
+        pin_memory=False,
+    )
     datamodule.prepare_data()
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))

@@ -1,9 +1,11 @@
-"""The DDPM memorization study (PAPERS.md §1.6): experiments/ddpm_memorization/aggregate.py on hand-made and tiny
-trained runs, its trend check, and notebooks/ddpm_memorization.ipynb on a tiny multirun."""
+"""The DDPM memorization study (docs/memorization.md#ddpm-on-nested-subsets):
+experiments/ddpm_memorization/aggregate.py on hand-made and tiny trained runs, its trend check, and
+notebooks/ddpm_memorization.ipynb on a tiny multirun."""
 
 import csv
 import importlib.util
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -31,8 +33,13 @@ aggregate = load_aggregate()
 
 
 def trend_row(size, train_95, train_thr, control_95=0.1, control_thr=0.0) -> dict:
-    return {"subset_size": size, "train_sim_95pc": train_95, "train_sim_gt_thr": train_thr,
-            "control_sim_95pc": control_95, "control_sim_gt_thr": control_thr}  # fmt: skip
+    return {
+        "subset_size": size,
+        "train_sim_95pc": train_95,
+        "train_sim_gt_thr": train_thr,
+        "control_sim_95pc": control_95,
+        "control_sim_gt_thr": control_thr,
+    }
 
 
 # ---- check_trend on hand-made rows -------------------------------------------------------------------------------
@@ -105,8 +112,13 @@ def fake_run(run_dir, data, train_sims, control_sims=None, subset_size=4, thresh
                 writer.writerow([f"{i:06d}.png", f"face_{i % subset_size}.png", sim])
     for i in range(len(train_sims)):
         Image.new("RGB", (8, 8), (0, 20 * i, 0)).save(run_dir / "samples" / "final" / f"{i:06d}.png")
-    summary = {"num_train": subset_size, "num_control": 2 if control_sims else 0, "num_generated": len(train_sims),
-               "step": 7, "metrics": metrics}  # fmt: skip
+    summary = {
+        "num_train": subset_size,
+        "num_control": 2 if control_sims else 0,
+        "num_generated": len(train_sims),
+        "step": 7,
+        "metrics": metrics,
+    }
     (run_dir / "replication" / "summary.json").write_text(json.dumps(summary))
     (run_dir / "metrics.json").write_text(
         json.dumps({"replication/train/sim_95pc": 0.999, "train/loss": 0.1})
@@ -120,11 +132,21 @@ def fake_run(run_dir, data, train_sims, control_sims=None, subset_size=4, thresh
 def test_load_run_reads_the_summary_before_metrics_json(tmp_path):
     run = aggregate.load_run(fake_run(tmp_path / "multi" / "3", tmp_path / "data", [0.9, 0.1], [0.2, 0.3]))
     assert run.row == {
-        "run": "multi/3", "subset_size": 4, "control_size": 2, "steps": 7, "num_generated": 2,
-        "extractor": "pixels32", "threshold": 0.5, "train_sim_mean": 0.1, "train_sim_95pc": 0.2,
-        "train_sim_gt_thr": 0.25, "control_sim_mean": 0.05, "control_sim_95pc": 0.1, "control_sim_gt_thr": 0.125,
+        "run": "multi/3",
+        "subset_size": 4,
+        "control_size": 2,
+        "steps": 7,
+        "num_generated": 2,
+        "extractor": "pixels32",
+        "threshold": 0.5,
+        "train_sim_mean": 0.1,
+        "train_sim_95pc": 0.2,
+        "train_sim_gt_thr": 0.25,
+        "control_sim_mean": 0.05,
+        "control_sim_95pc": 0.1,
+        "control_sim_gt_thr": 0.125,
         "bg_95pc": 0.3,
-    }  # fmt: skip
+    }
     np.testing.assert_array_equal(run.top1("train"), [0.9, 0.1])  # most replicated first, as matches.csv
     np.testing.assert_array_equal(run.top1("control"), [0.3, 0.2])
     assert aggregate.panel_title(2, run) == "(c) all points (4)"  # the subset takes the whole folder
@@ -167,8 +189,10 @@ def test_study_histograms_are_densities_with_bins_of_0005(tmp_path):
 
 
 def test_study_gallery_reads_generations_and_training_images(tmp_path):
-    runs = [aggregate.load_run(fake_run(tmp_path / f"multi/{i}", tmp_path / f"data{i}", [0.9, 0.8, 0.7]))
-            for i in range(2)]  # fmt: skip
+    runs = [
+        aggregate.load_run(fake_run(tmp_path / f"multi/{i}", tmp_path / f"data{i}", [0.9, 0.8, 0.7]))
+        for i in range(2)
+    ]
     fig, unreadable = aggregate.draw_study_gallery(runs)
     assert unreadable == 0 and len(fig.axes) == 2 * 2 * 3  # 2 runs x 3 pairs (fewer than 4 generations)
     assert fig.axes[1].get_title() == "train 0.900"
@@ -178,14 +202,20 @@ def test_study_gallery_reads_generations_and_training_images(tmp_path):
 
 # ---- tiny trained runs ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, data_dir):
+def study(tmp_path_factory, data_dir, tiny_run):
     """A fake multirun of tiny DDPM runs (subset sizes `SUBSET_SIZES`) where the notebook looks for studies:
-    <root>/logs/train/multiruns/ddpm_quickstart_test/<job>, plus a newer multirun of another kind."""
+    <root>/logs/train/multiruns/ddpm_quickstart_test/<job>, plus a newer multirun of another kind. Job 0 is the
+    session's tiny ddpm_quickstart run (8 faces), copied; job 1 trains on 4."""
     root = tmp_path_factory.mktemp("ddpm_study")
     multirun = root / "logs" / "train" / "multiruns" / "ddpm_quickstart_test"
-    for job, size in enumerate(SUBSET_SIZES):
-        overrides = ["experiment=ddpm_quickstart", *tiny_diffusion_overrides(data_dir, subset_size=size)]
-        train(compose_config("train.yaml", overrides, multirun / str(job)))
+    shutil.copytree(
+        tiny_run("ddpm_quickstart").run_dir, multirun / "0", ignore=shutil.ignore_patterns("*.ckpt")
+    )
+    overrides = [
+        "experiment=ddpm_quickstart",
+        *tiny_diffusion_overrides(data_dir, subset_size=SUBSET_SIZES[1]),
+    ]
+    train(compose_config("train.yaml", overrides, multirun / "1"))
     other = root / "logs" / "train" / "multiruns" / "csd_newer" / "0"
     other.mkdir(parents=True)
     (other / "metrics.json").write_text("{}")  # no replication: the notebook must skip it
@@ -229,9 +259,8 @@ def test_aggregate_writes_the_study_of_a_multirun(study, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_notebook_finds_and_shows_the_newest_ddpm_study(study, monkeypatch):
-    monkeypatch.setenv(
-        "STUDY_DIR", ""
-    )  # the kernel inherits the environment: find the study under COPYSCOPE_ROOT
+    # the kernel inherits the environment: find the study under COPYSCOPE_ROOT
+    monkeypatch.setenv("STUDY_DIR", "")
     monkeypatch.setenv("COPYSCOPE_ROOT", str(study["root"]))
     notebook = execute_notebook(ROOT / "notebooks" / "ddpm_memorization.ipynb")
 

@@ -1,15 +1,46 @@
-"""Diffusion pieces: schedules, targets, seeded sampling, EMA warm-up and the DDPM module at a tiny size."""
+"""Diffusion pieces: schedules, targets, the denoising loss, seeded sampling, EMA, the optimizer from the YAML
+`_partial_` configs and the DDPM module at a tiny size."""
 
+from pathlib import Path
+
+import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch.optim.swa_utils import AveragedModel
 
 from src.models.ddpm import DDPMModule
-from src.nn.diffusion import build_noise_scheduler, build_sampler, ema_with_warmup, training_target
+from src.nn.diffusion import (
+    build_ema,
+    build_noise_scheduler,
+    build_optimizer,
+    build_sampler,
+    denoising_loss,
+    ema_step,
+    ema_with_warmup,
+    lr_schedule,
+    training_target,
+)
 
-TINY_UNET = {"block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8,
-             "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-             "attention_head_dim": 8}  # fmt: skip
+CONF = Path(__file__).resolve().parents[1] / "conf"
+TINY_UNET = {
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": 8,
+}
+
+
+def training_configs(model: str, **optimizer) -> dict:
+    """The `optimizer` (updated with `optimizer`) and `scheduler` `_partial_` configs of conf/model/<model>.yaml."""
+    cfg = OmegaConf.load(CONF / "model" / f"{model}.yaml")
+    return {
+        "optimizer": {**OmegaConf.to_container(cfg.optimizer), **optimizer},
+        "scheduler": OmegaConf.to_container(cfg.scheduler),
+    }
 
 
 def tiny_module(**kwargs) -> DDPMModule:
@@ -24,6 +55,9 @@ def test_unknown_names_list_the_valid_ones():
         build_sampler("euler", build_noise_scheduler())
     with pytest.raises(ValueError, match="model.sampler='x'"):
         tiny_module(sampler="x")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="model.scheduler.name='step'.*constant, constant_with_warmup"):
+        lr_schedule(optimizer, 10, name="step", warmup_steps=1)
 
 
 def test_training_targets_follow_the_prediction_type():
@@ -35,6 +69,25 @@ def test_training_targets_follow_the_prediction_type():
     )
     v = training_target(build_noise_scheduler(prediction_type="v_prediction"), clean, noise, t)
     torch.testing.assert_close(v, alphas.sqrt() * noise - (1 - alphas).sqrt() * clean)
+
+
+def test_denoising_loss_draws_noise_then_timesteps_and_scores_the_target():
+    scheduler = build_noise_scheduler(prediction_type="v_prediction")
+    clean = torch.randn(3, 2, 4, 4)
+    seen = {}
+
+    def predict(x, t):
+        seen["x"], seen["t"] = x, t
+        return torch.zeros_like(x)
+
+    torch.manual_seed(0)
+    loss = denoising_loss(predict, scheduler, clean)
+    torch.manual_seed(0)
+    noise, t = torch.randn_like(clean), torch.randint(0, 1000, (3,))
+    assert torch.equal(seen["t"], t) and torch.equal(seen["x"], scheduler.add_noise(clean, noise, t))
+    target = training_target(scheduler, clean, noise, t)
+    assert torch.equal(loss, target.pow(2).mean())
+    assert torch.equal(denoising_loss(predict, scheduler, clean, noise, t), loss)
 
 
 def test_noise_schedule_is_the_ddpm_one():
@@ -73,23 +126,44 @@ def test_ema_warms_up_then_uses_the_decay():
         assert float(ema.module.weight) == pytest.approx(expected, rel=1e-6)
 
 
+def test_the_ema_steps_once_per_optimizer_step():
+    net = torch.nn.Linear(1, 1, bias=False)
+    ema = build_ema(net, 0.9)
+    last = -1
+    for step in [1, 1, 2, 2, 2, 3]:  # optimizer steps seen at the end of six batches (gradient accumulation)
+        last = ema_step(ema, net, step, last)
+    assert last == 3 and int(ema.n_averaged) == 3
+    assert ema_step(None, net, 4, last) == last  # no EMA: nothing to do
+
+
 def test_a_training_step_lowers_the_loss_on_a_fixed_batch():
-    module = tiny_module(optimizer={"lr": 1e-3})
+    module = tiny_module()
     images = torch.rand(8, 3, 16, 16) * 2 - 1
     optimizer = torch.optim.AdamW(module.unet.parameters(), lr=1e-3)
     losses = []
     for _ in range(30):
         torch.manual_seed(1)  # same noise and timesteps each step: the loss must fall
-        loss = module.diffusion_loss(images)
+        loss = module.loss({"image": images})["loss"]
         optimizer.zero_grad(), loss.backward(), optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_ema_is_not_trained_and_checkpoints_rebuild_the_module(tmp_path):
-    import lightning as L
+def test_the_optimizer_and_schedule_come_from_the_yaml_partials():
+    configs = {key: instantiate(value) for key, value in training_configs("ddpm").items()}
+    built = build_optimizer(tiny_module().unet.parameters(), configs["optimizer"], configs["scheduler"], 1000)
+    optimizer, schedule = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    weights, others = optimizer.param_groups
+    assert isinstance(optimizer, torch.optim.AdamW) and weights["lr"] == 0.0  # the warm-up starts at 0
+    assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim <= 1 for p in others["params"])
+    assert (weights["weight_decay"], others["weight_decay"], weights["betas"]) == (0.0, 0.0, (0.9, 0.999))
+    for _ in range(250):
+        optimizer.step(), schedule.step()
+    assert weights["lr"] == pytest.approx(0.5e-4)  # half-way through the 500 warm-up steps to 1e-4
 
-    module = tiny_module(ema_decay=0.99)
+
+def test_ema_is_not_trained_and_checkpoints_rebuild_the_module(tmp_path):
+    module = tiny_module(ema_decay=0.99, **training_configs("ddpm"))
     assert not any(p.requires_grad for p in module.ema.parameters())
     trainer = L.Trainer(max_steps=0, logger=False, enable_checkpointing=False, accelerator="cpu")
     trainer.strategy.connect(module)
@@ -98,4 +172,5 @@ def test_ema_is_not_trained_and_checkpoints_rebuild_the_module(tmp_path):
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["module_class"] == "src.models.ddpm.DDPMModule"
     loaded = DDPMModule.load_from_checkpoint(path, weights_only=True)
+    assert loaded.hparams.optimizer == training_configs("ddpm")["optimizer"]
     assert torch.equal(loaded.generate([1], steps=2), module.generate([1], steps=2))

@@ -280,22 +280,6 @@ def test_sscd_preprocessing_options():
     assert SSCDExtractor.transform(SimpleNamespace(preprocess="native_320"))(grey).shape == (3, 320, 320)
 
 
-def test_timm_all_tokens_are_globally_normalised(extractors):
-    extractor = TimmExtractor("test_vit", pool="tokens", image_size=32, resize_size=36)
-    images = torch.stack([extractor.transform()(random_image(seed=i)) for i in range(2)])
-    tokens = extractor(images)
-    with torch.no_grad():
-        raw = extractor.net.forward_features(images)  # (2, 1 + patches, D)
-    assert tokens.shape == raw.shape and tokens.shape[2] == extractor.dim and tokens.dtype == torch.float32
-    assert tokens.shape[1] == extractor.net.num_prefix_tokens + extractor.net.patch_embed.num_patches
-    torch.testing.assert_close(tokens.flatten(1).norm(dim=1), torch.ones(2))  # one norm per image
-    assert not torch.allclose(tokens.norm(dim=2), torch.ones(2, tokens.shape[1]))  # not per token
-    torch.testing.assert_close(tokens, raw / raw.flatten(1).norm(dim=1)[:, None, None])
-    assert extractor.name.endswith("_tokens")
-    with pytest.raises(ValueError, match="needs a ViT"):
-        TimmExtractor("test_resnet", pool="tokens")
-
-
 def test_dcr_preprocessing_for_timm_and_clip(extractors):
     grey = Image.new("RGB", (50, 40), (128, 128, 128))
     expected = torch.full((3,), (128 / 255 - 0.5) / 0.5)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.data.faces import build_embedded_faces
-from src.data.image_folder import ImageFolderDataModule, select_subsets
+from src.data.diffusion.image_folder import ImageFolderDataModule, select_subsets
+from src.data.embedded.faces import build_embedded_faces
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,17 @@ def test_a_subset_larger_than_the_folder_names_both_numbers(folder):
         select_subsets(folder, 41)
 
 
+def test_no_subset_size_trains_on_every_usable_file_outside_the_control_set(folder):
+    index = select_subsets(folder, None, control_size=8, seed=3)
+    assert len(index["control"]) == 8 and len(index["train"]) == 40 - 8
+    assert index["control"] == select_subsets(folder, 10, control_size=8, seed=3)["control"]
+    assert set(index["train"]) > set(select_subsets(folder, 10, control_size=8, seed=3)["train"])
+    assert [s["path"] for s in index["skipped"]] == ["part0/broken.png"]
+    listed = [f"part1/{i}.png" for i in range(1, 40, 2)]
+    chosen = select_subsets(folder, 5, control_size=3, seed=3, files=listed)
+    assert set(chosen["train"] + chosen["control"]) <= set(listed) and chosen["num_files"] == 20
+
+
 def test_control_set_shrinks_with_a_warning_when_the_subset_takes_the_rest(folder, caplog):
     index = select_subsets(folder, 36, control_size=8)
     assert len(index["control"]) == 4
@@ -67,9 +78,17 @@ def test_embedded_faces_build_once_deterministically(tmp_path):
 
 
 def test_datamodule_batches_are_in_minus_one_one_and_every_image_is_drawn(folder, tmp_path):
-    dm = ImageFolderDataModule(str(folder), subset_size=6, control_size=4, image_size=8, batch_size=3,
-                               num_workers=0, samples_per_epoch=12, index_file=str(tmp_path / "index.json"),
-                               pin_memory=False)  # fmt: skip
+    dm = ImageFolderDataModule(
+        str(folder),
+        subset_size=6,
+        control_size=4,
+        image_size=8,
+        batch_size=3,
+        num_workers=0,
+        samples_per_epoch=12,
+        index_file=str(tmp_path / "index.json"),
+        pin_memory=False,
+    )
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     assert len(batches) == 4 and batches[0]["image"].shape == (3, 3, 8, 8)

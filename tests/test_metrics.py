@@ -6,18 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from src.metrics import (
-    count_relevant,
-    hit_matrix,
-    metrics_from_hits,
-    per_label_precision,
-    retrieval_metrics,
-    retrieval_topk,
-)
+from src.metrics import retrieval_metrics, retrieval_topk
+from src.metrics.retrieval import count_relevant, hit_matrix, metrics_from_hits, per_label_precision
 
 
 def toy_example():
-    """PAPERS.md §3.7 toy example: three queries whose top-5 hit patterns are [0,1,0,1,0], [0]*5 and [1]*5.
+    """docs/style.md#metric-definitions toy example: three queries whose top-5 hit patterns are [0,1,0,1,0],
+    [0]*5 and [1]*5.
 
     Database item i is the basis vector e_i and every query is (5, 4, 3, 2, 1), so every query ranks the
     database as items 0, 1, 2, 3, 4. Labels (A, B, C): items 1 and 3 carry A, every item carries C, none
@@ -161,7 +156,7 @@ def test_values_in_unit_interval_and_keys():
 def test_bad_shapes_raise_clear_errors():
     query, database, query_labels, database_labels = random_problem()
     with pytest.raises(
-        ValueError, match=r"query \(23, 8\) and database \(57, 7\) have different embedding dims"
+        ValueError, match=r"query \(23, 8\) and database \(57, 7\) have different feature dims"
     ):
         retrieval_metrics(query, database[:, :7], query_labels, database_labels)
     with pytest.raises(ValueError, match=r"query_labels \(23, 6\) and database_labels \(57, 5\)"):
@@ -230,83 +225,3 @@ def test_count_relevant_over_several_row_blocks():
     query_labels[3, 9] = True  # a two-label query: {3, 9}
     brute = (query_labels.float() @ database_labels.float().T > 0).sum(dim=1)  # (Q,)
     assert count_relevant(query_labels, database_labels).tolist() == brute.tolist() == [3, 2, 1, 2]
-
-
-def tiny_benchmark_data():
-    from src.benchmarks.retrieval_metrics import make_data
-
-    return make_data(n_queries=40, n_database=300, dim=16, n_labels=5, seed=0)
-
-
-def test_retrieval_benchmark_baseline_and_phases_agree_with_retrieval_metrics():
-    from src.benchmarks.retrieval_metrics import full_argsort_metrics, time_phases
-
-    query, database, query_labels, database_labels = tiny_benchmark_data()
-    ks = (1, 10, 100)
-    ours = retrieval_metrics(query, database, query_labels, database_labels, ks=ks, chunk_size=16)
-    assert full_argsort_metrics(query, database, query_labels, database_labels, ks) == ours
-    for method in ("chunked", "full"):
-        phases = time_phases(method, query, database, query_labels, database_labels, ks, chunk_size=16)
-        assert set(phases) == {"matmul", "select", "hits", "count_relevant", "metrics"}
-        assert all(seconds >= 0.0 for seconds in phases.values())
-
-
-@pytest.mark.slow
-def test_retrieval_benchmark_runs_end_to_end(capsys):
-    from src.benchmarks.retrieval_metrics import main
-
-    main(["--queries", "40", "--database", "300", "--dim", "16", "--labels", "5", "--baseline-queries", "20"])
-    out = capsys.readouterr().out
-    assert "EXTRAPOLATED x2.0" in out
-    assert "max |chunked - baseline| = 0.00e+00" in out
-    assert "ceiling for any exact float32 method" in out
-
-
-@pytest.mark.slow
-def test_csd_step_benchmark_same_math_and_timings():
-    """Both sides of src.benchmarks.csd_step start from the same weights and give the same first loss."""
-    from src.benchmarks.csd_step import (
-        PeakMemory,
-        PlainLoop,
-        StepTimer,
-        build_module,
-        lightning_window,
-        make_batch,
-        parse_args,
-    )
-
-    args = parse_args(["--image-size", "32", "--batch-size", "4", "--steps", "2", "--labels", "10"])
-    batch = make_batch(args.batch_size, args.image_size, args.labels, args.seed)
-    assert batch["images"].shape == (4, 2, 3, 32, 32)
-    assert ((batch["labels"] > 0).sum(dim=1) >= 1).all()
-    timer = StepTimer(PeakMemory(torch.device("cpu")), torch.device("cpu"))
-    lightning = lightning_window(build_module(args), batch, args.steps, args, timer)
-    plain = PlainLoop(build_module(args), args, total_steps=10).window(batch, args.steps, timer)
-    for result in (lightning, plain):
-        assert len(result["steps"]) == args.steps and all(s > 0 for s in result["steps"])
-        assert result["peak"] > 0
-    assert lightning["loss"] == pytest.approx(plain["loss"], abs=1e-6)
-
-
-def test_csd_step_benchmark_rejects_fp16_on_cpu():
-    from src.benchmarks.csd_step import parse_args
-
-    with pytest.raises(SystemExit, match="bf16-mixed"):
-        parse_args(["--precision", "16-mixed"])
-
-
-@pytest.mark.slow
-def test_csd_step_benchmark_runs_end_to_end():
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    command = [sys.executable, "-m", "src.benchmarks.csd_step", "--image-size", "32", "--batch-size", "4"]
-    command += ["--steps", "2", "--repeats", "2", "--warmup", "1", "--labels", "10"]
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"ratio Lightning / plain \(median step\): \d+\.\d{3}", proc.stdout)
-    diff = float(re.search(r"\|diff\| ([0-9.e+-]+)\)", proc.stdout).group(1))
-    assert diff < 1e-5

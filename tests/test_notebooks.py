@@ -8,8 +8,7 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
-from src.train import train
-from tests.conftest import ROOT, compose_config, tiny_overrides
+from tests.conftest import ROOT, compose_config
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
@@ -72,10 +71,8 @@ def test_style_retrieval_takes_run_dir_as_its_first_parameter():
 
 
 @pytest.mark.slow
-def test_style_retrieval_notebook_runs_on_a_tiny_training_run(data_dir, tmp_path, monkeypatch):
-    run_dir = tmp_path / "run"
-    overrides = ["experiment=csd_quickstart", *tiny_overrides(data_dir), "eval_before_training=false"]
-    train(compose_config("train.yaml", overrides, run_dir))
+def test_style_retrieval_notebook_runs_on_a_tiny_training_run(tiny_run, monkeypatch):
+    run_dir = tiny_run("csd_quickstart").run_dir
     assert (run_dir / "embeddings" / "test.npz").is_file()
 
     monkeypatch.setenv("RUN_DIR", str(run_dir))  # the kernel inherits the environment

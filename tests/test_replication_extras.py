@@ -17,12 +17,7 @@ from PIL import Image
 from torch import nn
 
 from src.data.images import load_rgb
-from src.metrics.clip_score import (
-    clip_score_from_features,
-    clip_score_of_files,
-    embed_images_and_prompts,
-    load_clip,
-)
+from src.metrics.clip_score import clip_score_from_features
 from src.metrics.complexity import (
     complexity_correlations,
     complexity_image,
@@ -31,11 +26,13 @@ from src.metrics.complexity import (
     pearson,
     total_variation,
 )
-from src.metrics.fid import build_fid_inception, fid_between_folders, fid_transform, frechet_distance
+from src.metrics.frechet import frechet_distance
 from src.metrics.replication import upweighted_split_stats
 from src.nn.extractors import PixelExtractor, dcr_transform
-from src.replication.analysis import analyse_replication, read_file_list
+from src.replication.analysis import analyse_replication
+from src.replication.clip_score import clip_score_of_files, embed_images_and_prompts, load_clip
 from src.replication.features import cache_key, cached_folder_features, extract_folder
+from src.replication.fid import build_fid_inception, fid_between_folders, fid_transform
 
 TRAIN = [f"t{i:02d}.png" for i in range(10)]
 COPIES = {"copy_t01.png": "t01.png", "copy_t04.png": "t04.png", "copy_t07.png": "t07.png"}
@@ -115,17 +112,6 @@ def test_listed_files_that_do_not_exist_are_named(folders):
         extract_folder(PixelExtractor(8), root / "nowhere", files=[train[0]])
 
 
-def test_read_file_list_reads_txt_json_lists_and_subset_index(tmp_path):
-    (tmp_path / "a.txt").write_text("x.png\n\nsub/y.png\n")
-    (tmp_path / "b.json").write_text(json.dumps(["x.png"]))
-    (tmp_path / "c.json").write_text(json.dumps({"train": ["x.png"], "control": ["z.png"]}))
-    assert read_file_list(tmp_path / "a.txt") == ["x.png", "sub/y.png"]
-    assert read_file_list(tmp_path / "b.json") == ["x.png"]
-    assert read_file_list(tmp_path / "c.json", "control") == ["z.png"]
-    with pytest.raises(KeyError, match="'held_out'"):
-        read_file_list(tmp_path / "c.json", "held_out")
-
-
 # --- the analysis function --------------------------------------------------------------------------------------
 
 
@@ -133,29 +119,22 @@ def test_analysis_against_a_training_subset_and_held_out_images(folders, tmp_pat
     root, train = folders
     subset = [p for p in train if not p.endswith(("t04.png", "t07.png"))]
     held_out = [p for p in train if p not in subset]
-    kwargs = {"threshold": 0.9, "cache_dir": tmp_path / "cache", "complexity": False, **FAST}
-    stats = analyse_replication(
-        PixelExtractor(8),
-        root / "generated",
-        root / "train",
-        tmp_path / "subset",
-        train_files=subset,
-        **kwargs,
-    )
+
+    def analyse(files, out):
+        options = {"threshold": 0.9, "cache_dir": tmp_path / "cache", "complexity": False, **FAST}
+        generated, train_dir = root / "generated", root / "train"
+        return analyse_replication(
+            PixelExtractor(8), generated, train_dir, tmp_path / out, train_files=files, **options
+        )
+
+    stats = analyse(subset, "subset")
     report = json.loads((tmp_path / "subset" / "report.json").read_text())
     assert report["counts"]["train"] == 8 and report["train_files"] == 8
     assert report["counts"]["generated"] == 6 and [s["path"] for s in report["skipped"]["generated"]] == [
         "broken.png"
     ]
     assert stats["sim_gt_thr"] == pytest.approx(1 / 6)  # only copy_t01 has its source in the subset
-    held = analyse_replication(
-        PixelExtractor(8),
-        root / "generated",
-        root / "train",
-        tmp_path / "held_out",
-        train_files=held_out,
-        **kwargs,
-    )
+    held = analyse(held_out, "held_out")
     assert held["sim_gt_thr"] == pytest.approx(2 / 6)  # copy_t04 and copy_t07
     for name in ("report.json", "matches.csv", "histogram.png", "gallery.png"):
         assert (tmp_path / "held_out" / name).stat().st_size > 0

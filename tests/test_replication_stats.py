@@ -126,3 +126,10 @@ def test_bad_inputs_are_named():
         replication_stats(GENERATED[0], TRAIN)
     with pytest.raises(ValueError, match="floating-point"):
         replication_stats(GENERATED.long(), TRAIN)
+
+
+def test_statistics_run_on_the_device_asked_for():
+    on_cpu = replication_stats(GENERATED.numpy(), TRAIN.numpy(), device="cpu")
+    assert on_cpu == replication_stats(GENERATED, TRAIN)
+    sims, _ = train_background(TRAIN, device="cpu")
+    assert sims.device.type == "cpu"

@@ -1,4 +1,5 @@
-"""`python -m src.sample`: generations into a folder with a manifest, resumable, refusing mixed settings."""
+"""`python -m src.sample` and src.generation: generations into a folder with a manifest, resumable, refusing mixed
+settings."""
 
 import json
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from src.sample import generate_to_folder, sample
+from src.generation import generate_to_folder
+from src.sample import sample
 from tests.conftest import compose_config
 from tests.test_diffusion import tiny_module
 
@@ -44,8 +46,8 @@ def test_sample_entry_point_loads_a_checkpoint(tmp_path):
     trainer.strategy.connect(module)
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     trainer.save_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    cfg = compose_config("sample.yaml", [f"ckpt_path={tmp_path / 'run'}", "num_images=3", "steps=2",
-                                         "sampler=ddpm", "device=cpu"], tmp_path / "out")  # fmt: skip
+    overrides = [f"ckpt_path={tmp_path / 'run'}", "num_images=3", "steps=2", "sampler=ddpm", "device=cpu"]
+    cfg = compose_config("sample.yaml", overrides, tmp_path / "out")
     folder = sample(cfg)
     assert folder == tmp_path / "run" / "samples" / "last_ddpm2_seed0"
     assert len(list(folder.glob("*.png"))) == 3

@@ -1,12 +1,11 @@
-"""Tests for src/replication/search.py: blocked and faiss top-k equal brute force; split-product by hand."""
+"""Tests for src/metrics/search.py: blocked and faiss top-k equal brute force, ties, the feature check."""
 
-import math
-
+import numpy as np
 import pytest
 import torch
 
-import src.replication.search as search
-from src.replication import faiss_topk, search_topk, split_product_similarity
+import src.metrics.search as search
+from src.metrics.search import as_features, faiss_topk, search_topk
 
 
 def features(rows: int, dim: int, seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -132,63 +131,45 @@ def test_bad_inputs_are_named():
         search_topk(QUERY, DATABASE, backend="annoy")
     with pytest.raises(ValueError, match="half=True"):
         search_topk(QUERY, DATABASE, half=True, backend="faiss")
-    with pytest.raises(ValueError, match="index must be 'flat'"):
-        faiss_topk(QUERY, DATABASE, 1, index="hnsw")
     with pytest.raises(ValueError, match="query has non-finite values \\(first in row 3\\)"):
         bad = QUERY.clone()
         bad[3, 0] = float("nan")
         search_topk(bad, DATABASE)
 
 
-def split_product_by_loop(query_tokens, database_tokens):
-    """Direct per-token computation: global L2 normalisation, then max over positions of token dot products."""
-    out = torch.zeros(len(query_tokens), len(database_tokens), dtype=torch.float64)
-    for i, q in enumerate(query_tokens.double()):
-        q = q / q.flatten().norm()
-        for j, v in enumerate(database_tokens.double()):
-            v = v / v.flatten().norm()
-            out[i, j] = max(float((q[t] * v[t]).sum()) for t in range(q.shape[0]))
-    return out
+def test_ties_follow_torch_topk_in_one_block_and_earlier_blocks_first():
+    # Integer-valued features with duplicated rows: many exactly equal scores.
+    generator = torch.Generator().manual_seed(5)
+    database = torch.randint(-2, 3, (60, 3), generator=generator).float()
+    database = torch.cat([database, database[:20]])
+    query = database[:30]
+    for chunk_size in (7, 1000):
+        scores, indices = search_topk(query, database, 9, chunk_size=chunk_size, database_chunk_size=None)
+        expected = (query @ database.T).topk(9, dim=1)
+        assert torch.equal(scores, expected.values) and torch.equal(indices, expected.indices)
+    # One row per block: equal scores come in database order.
+    same = torch.ones(6, 4)
+    _, indices = search_topk(same[:2], same, 4, database_chunk_size=1, backend="torch")
+    assert indices.tolist() == [[0, 1, 2, 3]] * 2
+    _, indices = search_topk(same, same, 3, database_chunk_size=1, exclude_self=True, backend="torch")
+    assert indices[0].tolist() == [1, 2, 3] and indices[4].tolist() == [0, 1, 2]
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 100])
-def test_split_product_equals_per_token_loop(chunk_size):
-    generator = torch.Generator().manual_seed(3)
-    query_tokens = torch.randn(7, 5, 6, generator=generator) * 3  # raw, unnormalised tokens
-    database_tokens = torch.randn(11, 5, 6, generator=generator)
-    sims = split_product_similarity(query_tokens, database_tokens, chunk_size=chunk_size)
-    assert sims.shape == (7, 11) and sims.dtype == torch.float32
-    assert torch.allclose(sims.double(), split_product_by_loop(query_tokens, database_tokens), atol=1e-6)
+def test_as_features_checks_unit_norm_only_when_asked():
+    raw = np.full((3, 4), 2.0, dtype=np.float32)
+    assert torch.equal(as_features(raw, "raw"), torch.from_numpy(raw))
+    with pytest.raises(ValueError, match="raw row 0 has L2 norm 4.0000.*normalize"):
+        as_features(raw, "raw", unit_norm=True)
+    with pytest.raises(ValueError, match="empty is empty"):
+        as_features(torch.zeros(0, 4), "empty", unit_norm=True)
+    with pytest.raises(TypeError, match="list"):
+        as_features([[1.0]], "rows")
 
 
-def test_split_product_normalises_globally_not_per_token():
-    # T = 2, D = 2. The query (1, 0 | 0, 0) has norm 1; the database image (1, 0 | 0, 5) has norm sqrt(26).
-    # Position 0: 1 * 1 / sqrt(26); position 1: 0. Per-token normalisation would give 1 at position 0.
-    query = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
-    database = torch.tensor([[[1.0, 0.0], [0.0, 5.0]]])
-    assert split_product_similarity(query, database).item() == pytest.approx(1 / math.sqrt(26), abs=1e-7)
-    # One token: the split-product is the dot product of L2-normalised global descriptors.
-    sims = split_product_similarity(QUERY[:, None, :] * 2, DATABASE[:, None, :])
-    assert torch.allclose(sims, QUERY @ DATABASE.T, atol=1e-6)
+def test_the_engine_is_reachable_from_its_public_paths():
+    from src.metrics import retrieval_topk
+    from src.replication.search import search_topk as replication_search_topk
 
-
-def test_split_product_bad_inputs():
-    with pytest.raises(ValueError, match=r"differ in \(T, D\)"):
-        split_product_similarity(torch.randn(2, 5, 6), torch.randn(3, 4, 6))
-    with pytest.raises(ValueError, match="query_tokens must be a floating-point \\(rows, T, D\\)"):
-        split_product_similarity(torch.randn(2, 30), torch.randn(3, 5, 6))
-    with pytest.raises(ValueError, match="database_tokens row 1 has norm 0.0"):
-        split_product_similarity(
-            torch.randn(2, 5, 6), torch.cat([torch.randn(1, 5, 6), torch.zeros(1, 5, 6)])
-        )
-
-
-def test_metrics_and_replication_import_in_either_order():
-    """src.metrics.replication uses src.replication.search; neither package may import the other at init time."""
-    import subprocess
-    import sys
-
-    for first, second in (("src.metrics", "src.replication"), ("src.replication", "src.metrics")):
-        code = f"import {first}, {second}, src.replication.analysis, src.benchmarks.replication_search"
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
+    assert replication_search_topk is search_topk
+    scores, indices = retrieval_topk(QUERY, DATABASE, 3)
+    assert torch.equal(indices, brute_force(QUERY, DATABASE, 3)[1])

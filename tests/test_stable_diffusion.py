@@ -1,5 +1,6 @@
-"""Stable Diffusion fine-tuning (PAPERS.md §2.1) on a tiny random SD 2.1-like directory written by the tests:
-latent v-prediction loss, frozen text encoder and VAE, seeded CFG generation, checkpoints, incomplete directories."""
+"""Stable Diffusion fine-tuning (docs/memorization.md#training-setup) on a tiny random SD 2.1-like directory
+written by the tests: latent v-prediction loss, frozen text encoder and VAE, seeded CFG generation,
+checkpoints, incomplete directories."""
 
 import shutil
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from src.models.text2img import Text2ImageModule
 from tests.conftest import TINY_SD, compose_config
+from tests.test_diffusion import training_configs
 
 CAPTIONS = ["the man on a photo", "a woman in the sun"]
 
@@ -17,8 +19,14 @@ CAPTIONS = ["the man on a photo", "a woman in the sun"]
 @pytest.fixture
 def module(tiny_sd_dir) -> Text2ImageModule:
     torch.manual_seed(0)
-    return Text2ImageModule(pretrained=str(tiny_sd_dir), image_size=TINY_SD["image_size"], ema_decay=0,
-                            prompt_dropout=0, guidance_scale=7.5, sample_steps=3)  # fmt: skip
+    return Text2ImageModule(
+        pretrained=str(tiny_sd_dir),
+        image_size=TINY_SD["image_size"],
+        ema_decay=0,
+        prompt_dropout=0,
+        guidance_scale=7.5,
+        sample_steps=3,
+    )
 
 
 def fixed_images() -> torch.Tensor:
@@ -29,7 +37,7 @@ def fixed_images() -> torch.Tensor:
 
 def seeded_loss(module: Text2ImageModule, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
     torch.manual_seed(seed)
-    return module.diffusion_loss(images, CAPTIONS)
+    return module.loss({"image": images, "caption": CAPTIONS})["loss"]
 
 
 def test_the_pretrained_directory_sets_the_pieces(module):
@@ -92,12 +100,21 @@ def test_generate_gives_seeded_uint8_images(module):
     assert not torch.equal(images, unguided)
 
 
-def test_a_lightning_checkpoint_reloads(module, tmp_path):
+def test_a_lightning_checkpoint_reloads(tiny_sd_dir, tmp_path):
+    torch.manual_seed(0)
+    module = Text2ImageModule(
+        pretrained=str(tiny_sd_dir), image_size=TINY_SD["image_size"], **training_configs("text2img", lr=1e-3)
+    )
     images = fixed_images()
     batches = [{"image": images, "caption": CAPTIONS}] * 2
-    module.optim_cfg = {"lr": 1e-3}
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.data import style_bench
-from src.data.style_bench import SPLITS, assign_photos, build_style_bench, load_photo, split_sizes
-from src.data.styles import PALETTES, STYLE_TAGS, STYLES, stylize
+from src.data.embedded import style_bench
+from src.data.embedded.style_bench import SPLITS, assign_photos, build_style_bench, load_photo, split_sizes
+from src.data.embedded.styles import PALETTES, STYLE_TAGS, STYLES, stylize
 
 
 @pytest.fixture(scope="module")

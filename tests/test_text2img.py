@@ -1,18 +1,23 @@
 """Text-conditional diffusion: frozen text encoders, the module at a tiny size, CFG, GN/GNI noise, prompts in
-src.sample with the inference-time mitigations."""
+src.generation with the inference-time mitigations."""
 
 import json
 
 import pytest
 import torch
 
+from src.generation import generate_to_folder, mitigated_prompts
 from src.models.text2img import Text2ImageModule, check_stable_diffusion_dir
 from src.nn.text_encoders import build_text_encoder
-from src.sample import generate_to_folder, mitigated_prompts
 
-TINY_COND_UNET = {"block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8,
-                  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-                  "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "attention_head_dim": 8}  # fmt: skip
+TINY_COND_UNET = {
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": 8,
+}
 TINY_TEXT = {"source": "open_clip", "context_length": 16, "width": 32, "layers": 1, "heads": 2}
 
 
@@ -50,7 +55,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch_and_gn_reads_its_lambda():
     losses = []
     for _ in range(25):
         torch.manual_seed(1)
-        loss = module.diffusion_loss(images, captions)
+        loss = module.loss({"image": images, "caption": captions})["loss"]
         optimizer.zero_grad(), loss.backward(), optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
@@ -68,8 +73,8 @@ def test_generation_depends_on_seed_prompt_guidance_and_embedding_noise():
     same_prompt = module.generate([4], prompts=["a dark face"], guidance_scale=50.0, **args)
     assert not torch.equal(other_prompt, same_prompt)
     noisy = module.generate([4], prompts=["a dark face"], embedding_noise=5.0, guidance_scale=50.0, **args)
-    assert torch.equal(noisy, module.generate([4], prompts=["a dark face"], embedding_noise=5.0,
-                                              guidance_scale=50.0, **args))  # fmt: skip
+    again = module.generate([4], prompts=["a dark face"], embedding_noise=5.0, guidance_scale=50.0, **args)
+    assert torch.equal(noisy, again)
     assert not torch.equal(noisy, same_prompt)
     with pytest.raises(ValueError, match="one prompt per seed"):
         module.generate([1, 2], prompts=["a face"])
@@ -78,14 +83,23 @@ def test_generation_depends_on_seed_prompt_guidance_and_embedding_noise():
 def test_sampling_writes_the_exact_prompts_after_the_inference_mitigation(tmp_path):
     module = tiny_text2img()
     prompts = ["portrait of kofe, a dark face", "portrait of lumi, a bright face", "a face"]
-    folder = generate_to_folder(module, tmp_path / "rna", 3, seed=5, steps=2, prompts=prompts,
-                                inference_mitigation={"name": "rna", "repeats": 2}, progress=False)  # fmt: skip
+    rna = {"name": "rna", "repeats": 2}
+    folder = generate_to_folder(
+        module,
+        tmp_path / "rna",
+        3,
+        seed=5,
+        steps=2,
+        prompts=prompts,
+        inference_mitigation=rna,
+        progress=False,
+    )
     used = json.loads((folder / "prompts.json").read_text())
     assert list(used) == ["000000.png", "000001.png", "000002.png"]
-    assert list(used.values()) == mitigated_prompts(prompts, 5, {"name": "rna", "repeats": 2})
+    assert list(used.values()) == mitigated_prompts(prompts, 5, rna)
     for original, prompt in zip(prompts, used.values(), strict=True):
         assert len(prompt.split()) == len(original.split()) + 2
-    again = mitigated_prompts(prompts, 5, {"name": "rna", "repeats": 2})
+    again = mitigated_prompts(prompts, 5, rna)
     assert again == list(used.values())  # a resumed run feeds the same prompts
     with pytest.raises(ValueError, match="other settings"):
         generate_to_folder(module, folder, 3, seed=5, steps=2, prompts=prompts, progress=False)
@@ -97,5 +111,6 @@ def test_an_inference_mitigation_needs_prompts(tmp_path):
     from tests.test_diffusion import tiny_module
 
     with pytest.raises(ValueError, match="needs prompts"):
-        generate_to_folder(tiny_module(), tmp_path, 1, steps=2, inference_mitigation={"name": "rt"},
-                           progress=False)  # fmt: skip
+        generate_to_folder(
+            tiny_module(), tmp_path, 1, steps=2, inference_mitigation={"name": "rt"}, progress=False
+        )

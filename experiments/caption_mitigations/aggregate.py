@@ -1,4 +1,5 @@
-"""Collect the caption-mitigation runs (PAPERS.md §2) into one study: table, figure, gallery and claim checks.
+"""Collect the caption-mitigation runs (docs/memorization.md#caption-mitigations) into one study: table,
+figure, gallery and claim checks.
 
     python experiments/caption_mitigations/aggregate.py logs/train/multiruns/<multirun> [more folders] [--out OUT]
 
@@ -8,9 +9,10 @@ its config (`config_resolved.yaml`):
 
 - conditioning arms: `data.conditioning` (nolevel, classlevel, instancelevel_random, instancelevel_blip) with
   mitigation none; the instance-level run is the reference `none` of the two other groups too;
-- train-time arms: instance-level captions with `mitigation.name` (mc, gn, rc, rt, cwr; PAPERS.md §2.5);
+- train-time arms: instance-level captions with `mitigation.name` (mc, gn, rc, rt, cwr;
+  docs/memorization.md#train-time-mitigations);
 - inference-time arms: the generations of the reference run repeated with each inference mitigation
-  (`replication/inference_<name>/`: gni, rt, cwr, rna; §2.6).
+  (`replication/inference_<name>/`: gni, rt, cwr, rna; docs/memorization.md#inference-time-mitigations).
 
 Every figure is recomputed from the reports' matches.csv (each generation's top-1 similarity to the training
 images), with a 95% percentile-bootstrap interval (2,000 resamples): mean and 95th percentile of the top-1
@@ -25,23 +27,23 @@ intervals, the reference dashed), study_gallery.png (per arm, its most replicate
 training image). The tables and findings are printed too.
 """
 
-import argparse
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import yaml
 
+from src.plots import draw_image_rows, save_figure
+from src.replication import study
 from src.replication.study import (
     bootstrap_difference,
     bootstrap_interval,
-    draw_image_rows,
     find_runs,
     markdown_table,
     mean,
     percentile_95,
-    plt,
     read_json,
     read_matches,
     share_above,
@@ -53,13 +55,42 @@ CONDITIONING_ORDER = ("nolevel", "classlevel", "instancelevel_random", "instance
 TRAIN_ORDER = ("none", "mc", "gn", "rc", "rt", "cwr")
 INFERENCE_ORDER = ("none", "gni", "rt", "cwr", "rna")
 KINDS = ("conditioning", "train", "inference")
-PAPER_THRESHOLD = 0.5  # the share the paper reports (SSCD similarity > 0.5, PAPERS.md §2.8)
+# the share the paper reports (SSCD similarity > 0.5, docs/replication.md#dcr-measurement)
+PAPER_THRESHOLD = 0.5
 STATS = ("sim_mean", "sim_95pc", "share_gt_0.5", "share_gt_thr", "source_top1")
-COLUMNS = ("kind", "arm", "conditioning", "train_mitigation", "inference_mitigation", "seed", "n", "threshold",
-           *(f"{s}{suffix}" for s in STATS for suffix in ("", "_low", "_high")), "control_sim_95pc", "fid",
-           "clip_score", "steps", "num_train", "extractor", "run")  # fmt: skip
-TABLE_COLUMNS = ("arm", "n", "sim_mean", "sim_95pc", "sim_95pc_ci", "share_gt_0.5", "share_gt_thr",
-                 "share_gt_thr_ci", "source_top1", "source_top1_ci", "control_sim_95pc", "fid", "clip_score")  # fmt: skip
+COLUMNS = (
+    "kind",
+    "arm",
+    "conditioning",
+    "train_mitigation",
+    "inference_mitigation",
+    "seed",
+    "n",
+    "threshold",
+    *(f"{s}{suffix}" for s in STATS for suffix in ("", "_low", "_high")),
+    "control_sim_95pc",
+    "fid",
+    "clip_score",
+    "steps",
+    "num_train",
+    "extractor",
+    "run",
+)
+TABLE_COLUMNS = (
+    "arm",
+    "n",
+    "sim_mean",
+    "sim_95pc",
+    "sim_95pc_ci",
+    "share_gt_0.5",
+    "share_gt_thr",
+    "share_gt_thr_ci",
+    "source_top1",
+    "source_top1_ci",
+    "control_sim_95pc",
+    "fid",
+    "clip_score",
+)
 CLAIM_STATS = (
     "sim_mean",
     "sim_95pc",
@@ -99,8 +130,12 @@ def arm_label(options: dict) -> str:
 
 
 def statistic_of(name: str, threshold: float):
-    return {"sim_mean": mean, "sim_95pc": percentile_95, "share_gt_0.5": share_above(PAPER_THRESHOLD),
-            "share_gt_thr": share_above(threshold)}[name]  # fmt: skip
+    return {
+        "sim_mean": mean,
+        "sim_95pc": percentile_95,
+        "share_gt_0.5": share_above(PAPER_THRESHOLD),
+        "share_gt_thr": share_above(threshold),
+    }[name]
 
 
 def values_of(arm: Arm, name: str) -> np.ndarray | None:
@@ -160,8 +195,10 @@ def load_arms(run_dir: Path) -> list[Arm]:
     report = read_json(run_dir / "replication" / "train" / "report.json")
     train_matches = read_matches(run_dir / "replication" / "train" / "matches.csv")
     if not report or train_matches is None:
-        raise ValueError(f"{run_dir}: replication/train/report.json or matches.csv is missing; the replication "
-                         "analysis of this run did not finish (rerun it, or leave the run out)")  # fmt: skip
+        raise ValueError(
+            f"{run_dir}: replication/train/report.json or matches.csv is missing; the replication "
+            "analysis of this run did not finish (rerun it, or leave the run out)"
+        )
     control = summary.get("metrics", {}).get("replication/control/sim_95pc")
     sources = prompt_sources(run_dir, config, int(summary.get("num_generated") or len(train_matches)))
     train_root = Path(report.get("folders", {}).get("train", ""))
@@ -173,8 +210,10 @@ def load_arms(run_dir: Path) -> list[Arm]:
     else:
         first = [("conditioning", {"name": conditioning}), ("train", none), ("inference", none)]
     sets = [(kind, options, "train", "final") for kind, options in first]
-    sets += [("inference", m, f"inference_{m['name']}", f"final_{m['name']}")
-             for m in summary.get("inference_mitigations", [])]  # fmt: skip
+    sets += [
+        ("inference", m, f"inference_{m['name']}", f"final_{m['name']}")
+        for m in summary.get("inference_mitigations", [])
+    ]
     arms = []
     for kind, options, report_dir, samples_dir in sets:
         name = arm_label(options)
@@ -183,17 +222,38 @@ def load_arms(run_dir: Path) -> list[Arm]:
         if matches is None:
             raise ValueError(f"{run_dir}: replication/{report_dir}/matches.csv is missing")
         threshold = float(set_report.get("threshold", report.get("threshold", 0.5)))
-        arm = Arm(kind, name, run_dir, np.array([float(r["sim_1"]) for r in matches]), threshold, matches,
-                  run_dir / "samples" / samples_dir, train_root, source_hits(matches, sources), options["name"],
-                  config.get("seed"), name)  # fmt: skip
+        arm = Arm(
+            kind,
+            name,
+            run_dir,
+            np.array([float(r["sim_1"]) for r in matches]),
+            threshold,
+            matches,
+            run_dir / "samples" / samples_dir,
+            train_root,
+            source_hits(matches, sources),
+            options["name"],
+            config.get("seed"),
+            name,
+        )
         stats = set_report.get("stats", {})
         arm.row = {
-            "kind": kind, "arm": name, "conditioning": conditioning, "train_mitigation": arm_label(mitigation),
-            "inference_mitigation": name if kind == "inference" else "none", "seed": arm.seed, "n": len(matches),
-            "threshold": threshold, "control_sim_95pc": control, "fid": stats.get("fid"),
-            "clip_score": stats.get("clip_score"), "steps": summary.get("step"), "num_train": summary.get("num_train"),
-            "extractor": set_report.get("extractor"), "run": f"{run_dir.parent.name}/{run_dir.name}",
-        }  # fmt: skip
+            "kind": kind,
+            "arm": name,
+            "conditioning": conditioning,
+            "train_mitigation": arm_label(mitigation),
+            "inference_mitigation": name if kind == "inference" else "none",
+            "seed": arm.seed,
+            "n": len(matches),
+            "threshold": threshold,
+            "control_sim_95pc": control,
+            "fid": stats.get("fid"),
+            "clip_score": stats.get("clip_score"),
+            "steps": summary.get("step"),
+            "num_train": summary.get("num_train"),
+            "extractor": set_report.get("extractor"),
+            "run": f"{run_dir.parent.name}/{run_dir.name}",
+        }
         for stat in STATS:
             values = values_of(arm, stat)
             if values is None:
@@ -233,8 +293,10 @@ def judge(a: Arm, b: Arm, stat: str) -> tuple[str, str]:
     low, high = bootstrap_difference(values_of(a, stat), values_of(b, stat), stat_function(a, stat))
     verdict = "lower" if high < 0 else "higher" if low > 0 else "not different"
     diff = a.row[stat] - b.row[stat]
-    sentence = (f"{stat} {a.row[stat]:.3f} vs {b.row[stat]:.3f} (difference {diff:+.3f}, "
-                f"95% CI [{low:+.3f}, {high:+.3f}])")  # fmt: skip
+    sentence = (
+        f"{stat} {a.row[stat]:.3f} vs {b.row[stat]:.3f} (difference {diff:+.3f}, "
+        f"95% CI [{low:+.3f}, {high:+.3f}])"
+    )
     return verdict, sentence
 
 
@@ -248,11 +310,18 @@ def comparisons(arms: list[Arm]) -> list[tuple[str, Arm, Arm]] | None:
     reference = next((a for a in arms if a.kind == "conditioning" and a.method == REFERENCE), None)
     if reference is None:
         return None
-    pairs = [(f"instance-level vs {level}", reference, other)
-             for level in ("nolevel", "classlevel", "instancelevel_random")
-             for other in arms if other.kind == "conditioning" and other.method == level]  # fmt: skip
-    pairs += [(f"{kind}-time {arm.base} vs none", arm, reference)
-              for kind in ("train", "inference") for arm in arms if arm.kind == kind and arm.method != "none"]  # fmt: skip
+    pairs = [
+        (f"instance-level vs {level}", reference, other)
+        for level in ("nolevel", "classlevel", "instancelevel_random")
+        for other in arms
+        if other.kind == "conditioning" and other.method == level
+    ]
+    pairs += [
+        (f"{kind}-time {arm.base} vs none", arm, reference)
+        for kind in ("train", "inference")
+        for arm in arms
+        if arm.kind == kind and arm.method != "none"
+    ]
     return pairs
 
 
@@ -262,8 +331,12 @@ def judgements(arms: list[Arm]) -> list[tuple[str, str, str, str, float]] | None
     pairs = comparisons(arms)
     if pairs is None:
         return None
-    return [(label, stat, *judge(a, b, stat), a.row[stat] - b.row[stat]) for label, a, b in pairs for stat in CLAIM_STATS
-            if values_of(a, stat) is not None and values_of(b, stat) is not None]  # fmt: skip
+    return [
+        (label, stat, *judge(a, b, stat), a.row[stat] - b.row[stat])
+        for label, a, b in pairs
+        for stat in CLAIM_STATS
+        if values_of(a, stat) is not None and values_of(b, stat) is not None
+    ]
 
 
 def judgements_by_seed(arms: list[Arm]) -> dict:
@@ -272,10 +345,11 @@ def judgements_by_seed(arms: list[Arm]) -> dict:
 
 
 def check_claims(arms: list[Arm], by_seed: dict | None = None) -> list[str]:
-    """Findings, one sentence each, on the paper's claims (PAPERS.md §2): instance-level captions replicate more
-    than class-level or no captions; each train-time and inference-time mitigation lowers the replication
-    statistics of instance-level captions. A difference counts when its 95% bootstrap interval excludes 0.
-    With several training seeds every arm is compared with the reference of its own seed ("seed N: ...").
+    """Findings, one sentence each, on the paper's claims (docs/memorization.md#caption-mitigations):
+    instance-level captions replicate more than class-level or no captions; each train-time and inference-time
+    mitigation lowers the replication statistics of instance-level captions. A difference counts when its 95%
+    bootstrap interval excludes 0. With several training seeds every arm is compared with the reference of its
+    own seed ("seed N: ...").
     by_seed: `judgements_by_seed(arms)` when already computed."""
     by_seed = judgements_by_seed(arms) if by_seed is None else by_seed
     if not by_seed:
@@ -284,8 +358,11 @@ def check_claims(arms: list[Arm], by_seed: dict | None = None) -> list[str]:
     lines = []
     for seed, judged in by_seed.items():
         head = f"seed {seed}: " if prefix else ""
-        lines += [f"{head}{NO_REFERENCE}"] if judged is None else [
-            f"{head}{label}: {verdict}: {sentence}" for label, _, verdict, sentence, _ in judged]  # fmt: skip
+        lines += (
+            [f"{head}{NO_REFERENCE}"]
+            if judged is None
+            else [f"{head}{label}: {verdict}: {sentence}" for label, _, verdict, sentence, _ in judged]
+        )
     return lines
 
 
@@ -323,9 +400,15 @@ def table_rows(arms: list[Arm], kind: str) -> list[dict]:
     return rows
 
 
-PANELS = (("sim_mean", "mean top-1 similarity"), ("sim_95pc", "95th pct. of top-1 similarity"), ("share_gt_0.5", "share of top-1 > 0.5"),
-          ("share_gt_thr", "share of top-1 > threshold"), ("source_top1", "share matching its caption's image"),
-          ("fid", "FID"), ("clip_score", "CLIP score"))  # fmt: skip
+PANELS = (
+    ("sim_mean", "mean top-1 similarity"),
+    ("sim_95pc", "95th pct. of top-1 similarity"),
+    ("share_gt_0.5", "share of top-1 > 0.5"),
+    ("share_gt_thr", "share of top-1 > threshold"),
+    ("source_top1", "share matching its caption's image"),
+    ("fid", "FID"),
+    ("clip_score", "CLIP score"),
+)
 COLOURS = {"conditioning": "tab:blue", "train": "tab:orange", "inference": "tab:green"}
 SHORT_KIND = {"conditioning": "cond", "train": "train", "inference": "infer"}
 
@@ -361,9 +444,12 @@ def draw_study(arms: list[Arm]):
         ax.set_title(title, fontsize=9)
     threshold = arms[0].threshold
     of_seed = " of the arm's seed" if several_seeds else ""
-    fig.suptitle(f"Caption mitigations: replication of the training images ({arms[0].row.get('extractor')} "
-                 f"similarity, threshold {threshold}; bars: 95% bootstrap intervals; dashed: instance-level, "
-                 f"no mitigation{of_seed})", fontsize=9)  # fmt: skip
+    fig.suptitle(
+        f"Caption mitigations: replication of the training images ({arms[0].row.get('extractor')} "
+        f"similarity, threshold {threshold}; bars: 95% bootstrap intervals; dashed: instance-level, "
+        f"no mitigation{of_seed})",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
 
@@ -372,8 +458,10 @@ def match_cells(arm: Arm, row: dict) -> list[tuple]:
     """A generation (black frame) and its nearest training image titled with the similarity (green above the
     threshold)."""
     sim = float(row["sim_1"])
-    return [(arm.generated_dir / row["generated"], row["generated"][:10], "black"),
-            (arm.train_root / row["match_1"], f"{sim:.3f}", "tab:green" if sim > arm.threshold else "tab:gray")]  # fmt: skip
+    return [
+        (arm.generated_dir / row["generated"], row["generated"][:10], "black"),
+        (arm.train_root / row["match_1"], f"{sim:.3f}", "tab:green" if sim > arm.threshold else "tab:gray"),
+    ]
 
 
 def draw_study_gallery(arms: list[Arm], pairs: int = GALLERY_PAIRS):
@@ -381,8 +469,10 @@ def draw_study_gallery(arms: list[Arm], pairs: int = GALLERY_PAIRS):
     Returns (figure, number of unreadable images)."""
     rows = [sum((match_cells(arm, row) for row in arm.matches[:pairs]), []) for arm in arms]
     fig, unreadable = draw_image_rows(rows, [f"{a.kind}\n{a.name}" for a in arms])
-    fig.suptitle("Most replicated generations (black) and their nearest training image (green: above threshold)",
-                 fontsize=9)  # fmt: skip
+    fig.suptitle(
+        "Most replicated generations (black) and their nearest training image (green: above threshold)",
+        fontsize=9,
+    )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title
     return fig, unreadable
 
@@ -399,13 +489,22 @@ def unique_arms(arms: list[Arm]) -> list[Arm]:
 
 
 def markdown_report(arms: list[Arm], findings: list[str], agreement: list[str] = ()) -> str:
-    titles = {"conditioning": "Conditioning (PAPERS.md §2.3), no mitigation",
-              "train": "Train-time mitigations (§2.5), instance-level captions",
-              "inference": "Inference-time mitigations (§2.6), on the instance-level model without mitigation"}  # fmt: skip
-    parts = ["# Caption-mitigation study (PAPERS.md §2)\n",
-             "Top-1 similarity of each generation to the training images; `*_ci`: 95% bootstrap intervals; "
-             "`share_gt_thr`: above the run's threshold; `source_top1`: nearest training image is the image the "
-             "prompt was written for; `control_sim_95pc`: the same run's generations against held-out images.\n"]  # fmt: skip
+    titles = {
+        "conditioning": "Conditioning (docs/memorization.md#conditioning), no mitigation",
+        "train": (
+            "Train-time mitigations (docs/memorization.md#train-time-mitigations), instance-level captions"
+        ),
+        "inference": (
+            "Inference-time mitigations (docs/memorization.md#inference-time-mitigations), "
+            "on the instance-level model without mitigation"
+        ),
+    }
+    parts = [
+        "# Caption-mitigation study (docs/memorization.md#caption-mitigations)\n",
+        "Top-1 similarity of each generation to the training images; `*_ci`: 95% bootstrap intervals; "
+        "`share_gt_thr`: above the run's threshold; `source_top1`: nearest training image is the image the "
+        "prompt was written for; `control_sim_95pc`: the same run's generations against held-out images.\n",
+    ]
     for kind in KINDS:
         rows = table_rows(arms, kind)
         if rows:
@@ -426,28 +525,18 @@ def write_study(arms: list[Arm], out: Path) -> dict[str, Path]:
         markdown_report(arms, check_claims(arms, by_seed), seed_agreement(arms, by_seed))
     )
     shown = unique_arms(arms)
-    fig = draw_study(shown)
-    fig.savefig(files["study.png"], dpi=120)
-    plt.close(fig)
-    fig, unreadable = draw_study_gallery(shown)
-    fig.savefig(files["study_gallery.png"], dpi=100)
-    plt.close(fig)
+    save_figure(draw_study(shown), files["study.png"], dpi=120)
+    gallery, unreadable = draw_study_gallery(shown)
+    save_figure(gallery, files["study_gallery.png"])
     if unreadable:
-        print(
-            f"study_gallery.png: {unreadable} image(s) could not be read (data moved?); their cells are empty"
-        )
+        print(f"study_gallery.png: {unreadable} image(s) unreadable (data moved?); their cells are empty")
     return files
 
 
 def main(argv=None) -> list[Arm]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("folders", type=Path, nargs="+", help="multirun or run folders")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first folder)")
-    args = parser.parse_args(argv)
+    args = study.parse_study_args(argv, __doc__)
     arms = load_study(args.folders)
-    files = write_study(arms, args.out or args.folders[0])
+    files = write_study(arms, args.out)
     print(files["study.md"].read_text())
     print(f"Wrote {', '.join(str(p) for p in files.values())}")
     return arms

@@ -1,4 +1,5 @@
-"""Collect the DDPM memorization runs (PAPERS.md §1.6) into one study: figure, gallery, table and trend check.
+"""Collect the DDPM memorization runs (docs/memorization.md#ddpm-on-nested-subsets) into one study: figure,
+gallery, table and trend check.
 
     python experiments/ddpm_memorization/aggregate.py logs/train/multiruns/<multirun> [more folders] [--out OUT]
 
@@ -13,7 +14,6 @@ size. Written to OUT (default: the first folder given):
   `check_trend`. The markdown table and the findings are printed too.
 """
 
-import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +25,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
+from src.plots import draw_image_rows, plot_similarity_histograms, save_figure  # noqa: E402
 from src.replication import study  # noqa: E402
-from src.replication.report import BIN_WIDTH  # noqa: E402
-from src.replication.study import draw_image_rows, read_json, read_matches  # noqa: E402
+from src.replication.study import read_json, read_matches  # noqa: E402
 
 SETS = ("train", "control")  # the two report folders of a run: vs its training subset, vs held-out images
 STATS = ("sim_mean", "sim_95pc", "sim_gt_thr")
-COLUMNS = ("run", "subset_size", "control_size", "steps", "num_generated", "extractor", "threshold",
-           *(f"{s}_{stat}" for s in SETS for stat in STATS), "bg_95pc")  # fmt: skip
+COLUMNS = (
+    "run",
+    "subset_size",
+    "control_size",
+    "steps",
+    "num_generated",
+    "extractor",
+    "threshold",
+    *(f"{s}_{stat}" for s in SETS for stat in STATS),
+    "bg_95pc",
+)
 TREND_STATS = ("sim_95pc", "sim_gt_thr")  # the statistics `check_trend` follows over subset sizes
 GALLERY_PAIRS = 4  # generations per run in study_gallery.png
 
@@ -63,8 +72,9 @@ class StudyRun:
 
 def find_runs(folders) -> list[Path]:
     """Run folders (those holding replication/summary.json) at or below each folder, without duplicates."""
-    return study.find_runs(folders, "train with the ReplicationAnalysis callback (experiment=ddpm_quickstart or "
-                                    "ddpm_celebahq)")  # fmt: skip
+    return study.find_runs(
+        folders, "train with the ReplicationAnalysis callback (experiment=ddpm_quickstart or ddpm_celebahq)"
+    )
 
 
 def load_run(run_dir) -> StudyRun:
@@ -145,7 +155,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 # ---- trend -------------------------------------------------------------------------------------------------------
 def check_trend(rows: list[dict]) -> list[str]:
-    """Findings, one sentence each, on what the study expects (PAPERS.md §1.6: replication falls as the subset grows):
+    """Findings, one sentence each, on what the study expects (docs/memorization.md#ddpm-on-nested-subsets:
+    replication falls as the subset grows):
 
     - for each of `TREND_STATS` against the training subset, whether it decreases strictly and monotonically with the
       subset size (runs sharing a size are averaged);
@@ -181,8 +192,11 @@ def check_trend(rows: list[dict]) -> list[str]:
         findings.append(f"{stat} vs train {verdict} with subset size n: {sequence}")
     smallest = sizes[0]
     for stat in TREND_STATS:
-        pairs = [(r.get(f"train_{stat}"), r.get(f"control_{stat}")) for r in rows
-                 if int(r["subset_size"]) == smallest]  # fmt: skip
+        pairs = [
+            (r.get(f"train_{stat}"), r.get(f"control_{stat}"))
+            for r in rows
+            if int(r["subset_size"]) == smallest
+        ]
         pairs = [(t, c) for t, c in pairs if t is not None and c is not None]
         if not pairs:
             findings.append(f"smallest subset ({smallest} images): no control set, {stat} not compared")
@@ -205,25 +219,16 @@ def panel_title(index: int, run: StudyRun) -> str:
 
 def draw_study(runs: list[StudyRun]):
     """One panel per run, side by side: densities of top-1 sim(gen, train subset) in red and sim(gen, control) in
-    blue on [0, 1] with bin width `BIN_WIDTH` (values below 0 counted in the first bin), and the threshold."""
-    bins = np.linspace(0.0, 1.0, round(1 / BIN_WIDTH) + 1)
+    blue on [0, 1] (`src.plots.plot_similarity_histograms`), and the threshold."""
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), squeeze=False, sharey=False)
     for i, (run, ax) in enumerate(zip(runs, axes[0], strict=True)):
-        for name, colour in (("control", "tab:blue"), ("train", "tab:red")):
-            top1 = run.top1(name)
-            if top1 is None:
-                continue
-            below = int((top1 < 0).sum())
-            label = f"vs {'training subset' if name == 'train' else 'held-out control'} (n={len(top1)})"
-            label += f", {below} < 0" if below else ""
-            ax.hist(np.clip(top1, 0.0, 1.0), bins=bins, density=True, alpha=0.6, color=colour, label=label)
-        ax.axvline(
-            run.threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {run.threshold}"
-        )
-        ax.set_xlim(0, 1)
+        series = [
+            (run.top1("control"), "vs held-out control", "tab:blue"),
+            (run.top1("train"), "vs training subset", "tab:red"),
+        ]
+        plot_similarity_histograms(ax, series, run.threshold)
         ax.set_xlabel("top-1 similarity of a generation")
         ax.set_title(f"{panel_title(i, run)}, {run.row['steps']} steps", fontsize=10)
-        ax.legend(fontsize=7)
     axes[0][0].set_ylabel("density")
     fig.suptitle(f"Replication vs training subset size ({runs[0].row['extractor']} similarity)", fontsize=11)
     fig.tight_layout()
@@ -249,8 +254,10 @@ def draw_study_gallery(runs: list[StudyRun], pairs: int = GALLERY_PAIRS):
     rows = [sum((match_cells(run, row) for row in run.matches["train"][:pairs]), []) for run in runs]
     labels = [f"{run.row['subset_size']} images" for run in runs]
     fig, unreadable = draw_image_rows(rows, labels)
-    fig.suptitle("Most replicated generations (black) and their nearest training image (green: above threshold)",
-                 fontsize=9)  # fmt: skip
+    fig.suptitle(
+        "Most replicated generations (black) and their nearest training image (green: above threshold)",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig, unreadable
 
@@ -261,20 +268,15 @@ def write_study(runs: list[StudyRun], out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {name: out / name for name in ("study.png", "study_gallery.png", "study.csv", "study.md")}
     rows = [{**run.row, "run_dir": str(run.run_dir)} for run in runs]
-    fig = draw_study(runs)
-    fig.savefig(files["study.png"], dpi=120)
-    plt.close(fig)
-    fig, unreadable = draw_study_gallery(runs)
-    fig.savefig(files["study_gallery.png"], dpi=100)
-    plt.close(fig)
+    save_figure(draw_study(runs), files["study.png"], dpi=120)
+    gallery, unreadable = draw_study_gallery(runs)
+    save_figure(gallery, files["study_gallery.png"])
     if unreadable:
-        print(
-            f"study_gallery.png: {unreadable} image(s) could not be read (data moved?); their cells are empty"
-        )
+        print(f"study_gallery.png: {unreadable} image(s) unreadable (data moved?); their cells are empty")
     write_csv(rows, files["study.csv"])
     findings = check_trend(rows)
     files["study.md"].write_text(
-        "# DDPM memorization study (PAPERS.md §1.6)\n\n"
+        "# DDPM memorization study (docs/memorization.md#ddpm-on-nested-subsets)\n\n"
         "Top-1 similarity of each generation to its training subset (`train_*`) and to held-out control images "
         "(`control_*`); `sim_gt_thr` is the fraction above the threshold, `bg_95pc` the 95th percentile of the "
         "training subset's nearest-other-image similarities.\n\n"
@@ -284,14 +286,9 @@ def write_study(runs: list[StudyRun], out: Path) -> dict[str, Path]:
 
 
 def main(argv=None) -> list[StudyRun]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("folders", type=Path, nargs="+", help="multirun or run folders")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first folder)")
-    args = parser.parse_args(argv)
+    args = study.parse_study_args(argv, __doc__)
     runs = load_study(args.folders)
-    files = write_study(runs, args.out or args.folders[0])
+    files = write_study(runs, args.out)
     print(markdown_table([run.row for run in runs]))
     print()
     for finding in check_trend([run.row for run in runs]):

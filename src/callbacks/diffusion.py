@@ -10,29 +10,12 @@ import logging
 from pathlib import Path
 
 import lightning as L
-import matplotlib
 import torch
 from lightning.pytorch.callbacks import Callback
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from src.replication.report import BIN_WIDTH  # noqa: E402
+from src.plots import draw_similarity_histogram, image_grid, save_figure
 
 log = logging.getLogger(__name__)
-
-
-def image_grid(images: torch.Tensor, columns: int = 8) -> Image.Image:
-    """uint8 (B, H, W, C) -> one PIL image, `columns` per row, 2 px white gutters."""
-    b, h, w, c = images.shape
-    rows = -(-b // columns)
-    grid = np.full((rows * (h + 2), min(b, columns) * (w + 2), c), 255, dtype=np.uint8)
-    for i, image in enumerate(images.numpy()):
-        r, col = divmod(i, columns)
-        grid[r * (h + 2) : r * (h + 2) + h, col * (w + 2) : col * (w + 2) + w] = image
-    return Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
 
 
 def log_image_file(trainer: L.Trainer, key: str, path: Path) -> None:
@@ -45,16 +28,17 @@ class SampleGrid(Callback):
     """Every `every_n_steps` optimizer steps (and at the end of training), sample `num_images` from fixed seeds and
     save `<run>/samples/grid_step<N>.png` (logged to W&B when used). Fixed seeds make grids comparable over time."""
 
-    def __init__(self, every_n_steps: int = 1000, num_images: int = 16, seed: int = 0, sampler: str | None = None,
-                 steps: int | None = None, columns: int = 8):  # fmt: skip
-        self.every_n_steps = every_n_steps
-        self.num_images, self.seed, self.sampler, self.steps, self.columns = (
-            num_images,
-            seed,
-            sampler,
-            steps,
-            columns,
-        )
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        num_images: int = 16,
+        seed: int = 0,
+        sampler: str | None = None,
+        steps: int | None = None,
+        columns: int = 8,
+    ):
+        self.every_n_steps, self.num_images, self.seed = every_n_steps, num_images, seed
+        self.sampler, self.steps, self.columns = sampler, steps, columns
         self._last = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -83,8 +67,9 @@ class SampleGrid(Callback):
 
 class CaptionLog(Callback):
     """At the start of training, write `<run>/captions_fed.csv`: `num_draws` training draws with the image, its
-    caption 0 and the caption the model is fed after conditioning, duplication and mitigation (PAPERS.md §2.3-§2.5),
-    and log it as a W&B table. Does nothing for datamodules without `caption_log` (unconditional data)."""
+    caption 0 and the caption the model is fed after conditioning, duplication and mitigation
+    (docs/memorization.md#caption-mitigations), and log it as a W&B table. Does nothing for datamodules
+    without `caption_log` (unconditional data)."""
 
     def __init__(self, num_draws: int = 32):
         self.num_draws = num_draws
@@ -103,8 +88,8 @@ class CaptionLog(Callback):
         log.info("captions fed to the model (first 3 of %d in %s): %s", len(rows), path, rows[:3])
         for logger in trainer.loggers:
             if hasattr(logger, "log_table"):  # W&B
-                logger.log_table(key="data/captions_fed", columns=["path", "caption_0", "fed"],
-                                 data=[list(r) for r in rows])  # fmt: skip
+                columns = ["path", "caption_0", "fed"]
+                logger.log_table(key="data/captions_fed", columns=columns, data=[list(r) for r in rows])
 
 
 def read_top1(report_dir: Path) -> list[float]:
@@ -112,25 +97,10 @@ def read_top1(report_dir: Path) -> list[float]:
         return [float(row["sim_1"]) for row in csv.DictReader(f)]
 
 
-def draw_train_vs_control(train_top1, control_top1, threshold: float, title: str = ""):
-    """Histograms of each generation's top-1 similarity to the training subset and to the held-out control set."""
-    bins = np.linspace(0.0, 1.0, round(1 / BIN_WIDTH) + 1)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for values, label, colour in ((control_top1, "vs held-out control", "tab:blue"),
-                                  (train_top1, "vs training subset", "tab:red")):  # fmt: skip
-        if values is not None:
-            ax.hist(np.clip(values, 0, 1), bins=bins, alpha=0.6, color=colour, density=True,
-                    label=f"top-1 sim {label} (n={len(values)})")  # fmt: skip
-    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold}")
-    ax.set_xlim(0, 1), ax.set_xlabel("similarity"), ax.set_ylabel("density"), ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
 class ReplicationAnalysis(Callback):
     """When training ends: generate `num_images`, then run the replication analysis (src/replication/analysis.py)
-    against the module's training images and against held-out control images it never saw (PAPERS.md §1.6).
+    against the module's training images and against held-out control images it never saw
+    (docs/memorization.md#ddpm-on-nested-subsets).
 
     The datamodule exposes `root` (folder), `train_files` and, when it holds images out, `control_files` (paths
     relative to root), as `ImageFolderDataModule` does. Reports go to `<run>/replication/{train,control}/`, the
@@ -138,17 +108,33 @@ class ReplicationAnalysis(Callback):
     statistics are logged as `replication/train/<stat>` and `replication/control/<stat>` and land in metrics.json.
 
     Text-conditional runs (a datamodule with `train_prompts`, as `CaptionedDataModule`): the generations use the
-    training prompts drawn as DCR does (PAPERS.md §2.7, seeded by `prompt_seed`), the reports split the statistics
-    by up-weighted training images when the data saved sampling weights, and `clip_score` / `fid` (options of
-    `analyse_replication`) can be switched on. Each of `inference_mitigations` ({name: gni | rt | cwr | rna, ...},
-    PAPERS.md §2.6) generates again into `samples/final_<name>/` and is reported as `replication/inference_<name>/`.
+    training prompts drawn as DCR does (docs/memorization.md#generation-protocol, seeded by `prompt_seed`),
+    the reports split the statistics by up-weighted training images when the data saved sampling weights, and
+    `clip_score` / `fid` (options of `analyse_replication`) can be switched on. Each of
+    `inference_mitigations` ({name: gni | rt | cwr | rna, ...},
+    docs/memorization.md#inference-time-mitigations) generates again into `samples/final_<name>/` and is
+    reported as `replication/inference_<name>/`.
     """
 
-    def __init__(self, extractor, num_images: int = 1000, seed: int = 1_000_000, sampler: str | None = None,
-                 steps: int | None = None, batch_size: int = 64, threshold: float = 0.5, k: int = 5,
-                 gallery_size: int = 8, control: bool = True, feature_batch_size: int = 64,
-                 cache_dir: str | None = None, prompt_seed: int = 42, inference_mitigations: list | None = None,
-                 clip_score: dict | None = None, fid: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        extractor,
+        num_images: int = 1000,
+        seed: int = 1_000_000,
+        sampler: str | None = None,
+        steps: int | None = None,
+        batch_size: int = 64,
+        threshold: float = 0.5,
+        k: int = 5,
+        gallery_size: int = 8,
+        control: bool = True,
+        feature_batch_size: int = 64,
+        cache_dir: str | None = None,
+        prompt_seed: int = 42,
+        inference_mitigations: list | None = None,
+        clip_score: dict | None = None,
+        fid: dict | None = None,
+    ):
         self.extractor = extractor
         self.num_images, self.seed, self.sampler, self.steps = num_images, seed, sampler, steps
         self.batch_size, self.threshold, self.k, self.gallery_size = batch_size, threshold, k, gallery_size
@@ -170,8 +156,8 @@ class ReplicationAnalysis(Callback):
         trainer.strategy.barrier()
 
     def analyse(self, trainer, pl_module) -> dict[str, float]:
+        from src.generation import generate_to_folder
         from src.replication.analysis import analyse_replication
-        from src.sample import generate_to_folder
 
         run_dir = Path(trainer.default_root_dir)
         datamodule = trainer.datamodule
@@ -193,35 +179,67 @@ class ReplicationAnalysis(Callback):
         metrics, top1, sizes = {}, {}, {}
         for tag, mitigation in variants:
             folder = run_dir / "samples" / ("final" if tag == "train" else f"final_{mitigation['name']}")
-            generate_to_folder(pl_module, folder, self.num_images, seed=self.seed, sampler=self.sampler,
-                               steps=self.steps, batch_size=self.batch_size, prompts=prompts,
-                               inference_mitigation=mitigation,
-                               checkpoint=f"end of training, step {trainer.global_step}")  # fmt: skip
+            generate_to_folder(
+                pl_module,
+                folder,
+                self.num_images,
+                seed=self.seed,
+                sampler=self.sampler,
+                steps=self.steps,
+                batch_size=self.batch_size,
+                prompts=prompts,
+                inference_mitigation=mitigation,
+                checkpoint=f"end of training, step {trainer.global_step}",
+            )
             sets = {tag: datamodule.train_files}
             if tag == "train" and self.control and control_files:
                 sets["control"] = control_files
             for name, files in sets.items():
                 out = run_dir / "replication" / name
                 stats = analyse_replication(
-                    extractor, folder, datamodule.root, out, train_files=files, k=self.k, threshold=self.threshold,
-                    gallery_size=self.gallery_size, batch_size=self.feature_batch_size, device=pl_module.device,
-                    cache_dir=self.cache_dir, prompts=folder / "prompts.json" if prompts else None,
+                    extractor,
+                    folder,
+                    datamodule.root,
+                    out,
+                    train_files=files,
+                    k=self.k,
+                    threshold=self.threshold,
+                    gallery_size=self.gallery_size,
+                    batch_size=self.feature_batch_size,
+                    device=pl_module.device,
+                    cache_dir=self.cache_dir,
+                    prompts=folder / "prompts.json" if prompts else None,
                     sampling_weights=weights if name != "control" else None,
-                    clip_score=self.clip_score if prompts else None, fid=self.fid,
-                )  # fmt: skip
-                metrics.update({f"replication/{name}/{k}": float(v) for k, v in stats.items()
-                                if isinstance(v, (int, float)) and not isinstance(v, bool)})  # fmt: skip
+                    clip_score=self.clip_score if prompts else None,
+                    fid=self.fid,
+                )
+                numbers = {
+                    k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                }
+                metrics.update({f"replication/{name}/{k}": float(v) for k, v in numbers.items()})
                 top1[name], sizes[name] = read_top1(out), len(files)
-                log.info("replication vs %s (%d images): sim_95pc=%.4f sim_gt_thr=%.4f", name, len(files),
-                         stats["sim_95pc"], stats["sim_gt_thr"])  # fmt: skip
-        fig = draw_train_vs_control(top1["train"], top1.get("control"), self.threshold,
-                                    title=f"{sizes['train']} training images, step {trainer.global_step}")  # fmt: skip
-        path = run_dir / "replication" / "train_vs_control.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        summary = {"num_train": sizes["train"], "num_control": sizes.get("control", 0),
-                   "num_generated": self.num_images, "step": trainer.global_step,
-                   "inference_mitigations": self.inference_mitigations, "metrics": metrics}  # fmt: skip
+                log.info(
+                    "replication vs %s (%d images): sim_95pc=%.4f sim_gt_thr=%.4f",
+                    name,
+                    len(files),
+                    stats["sim_95pc"],
+                    stats["sim_gt_thr"],
+                )
+        title = f"{sizes['train']} training images, step {trainer.global_step}"
+        series = [
+            (top1.get("control"), "top-1 sim vs held-out control", "tab:blue"),
+            (top1["train"], "top-1 sim vs training subset", "tab:red"),
+        ]
+        fig = draw_similarity_histogram(series, self.threshold, title=title)
+        path = save_figure(fig, run_dir / "replication" / "train_vs_control.png", dpi=120)
+        summary = {
+            "num_train": sizes["train"],
+            "num_control": sizes.get("control", 0),
+            "num_generated": self.num_images,
+            "step": trainer.global_step,
+            "inference_mitigations": self.inference_mitigations,
+            "metrics": metrics,
+        }
         (run_dir / "replication" / "summary.json").write_text(json.dumps(summary, indent=2))
         log_image_file(trainer, "replication/train_vs_control", path)
         return metrics

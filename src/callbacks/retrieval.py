@@ -4,45 +4,14 @@ import logging
 from pathlib import Path
 
 import lightning as L
-import matplotlib
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from src.plots import draw_retrieval_gallery, save_figure
 from src.utils.embeddings import save_embeddings
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 log = logging.getLogger(__name__)
-
-
-def draw_retrieval_gallery(root: Path, query_paths, match_paths, hits, titles=None, thumb: int = 96):
-    """A figure with one row per query: the query, then its ranked matches framed green (hit) or red (miss).
-
-    hits: (Q, K) bool. Returns the matplotlib figure."""
-    from src.data.images import load_rgb
-
-    rows, cols = len(query_paths), 1 + len(match_paths[0])
-    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.5 * rows), squeeze=False)
-    for r in range(rows):
-        cells = [(query_paths[r], "black")] + [
-            (p, "tab:green" if hit else "tab:red") for p, hit in zip(match_paths[r], hits[r], strict=True)
-        ]
-        for c, (path, colour) in enumerate(cells):
-            ax = axes[r][c]
-            try:
-                ax.imshow(load_rgb(Path(root) / path).resize((thumb, thumb)))
-            except Exception:  # a gallery never stops a run: show an empty cell for an unreadable image
-                pass
-            ax.set_xticks([]), ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_edgecolor(colour), spine.set_linewidth(3)
-        if titles is not None:
-            axes[r][0].set_title(titles[r], fontsize=7)
-    axes[0][0].set_ylabel("query")
-    fig.tight_layout()
-    return fig
 
 
 class RetrievalGallery(L.Callback):
@@ -84,9 +53,7 @@ class RetrievalGallery(L.Callback):
         titles = [rset.label_names[int(first_label[r])][:24] for r in rows]
         fig = draw_retrieval_gallery(rset.root, query_paths, match_paths, hits, titles)
         path = Path(trainer.default_root_dir) / "galleries" / f"{stage}_step{trainer.global_step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
+        save_figure(fig, path, dpi=80)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key=f"{stage}/gallery", images=[str(path)], step=trainer.global_step)

@@ -1,15 +1,31 @@
-"""Reading images from disk as 8-bit RGB, and listing image folders.
+"""Images on disk, shared by every line of work: reading, listing, one dataset, batches and atomic builds.
 
-Every dataset in `src.data` goes through `load_rgb` (files) or `to_rgb` (already decoded images, e.g. from
-webdataset shards), so all of them treat grayscale, transparent, palette and 16-bit images the same way.
-The official CSD code calls `Image.open(path).convert("RGB")`, which paints transparent pixels black and
-clips 16-bit values to 255 (a white image); we composite on white and rescale instead.
+- `load_rgb` (files) and `to_rgb` (already decoded images, e.g. from webdataset shards): every dataset treats
+  grayscale, transparent, palette and 16-bit images the same way. The official CSD code calls
+  `Image.open(path).convert("RGB")`, which paints transparent pixels black and clips 16-bit values to 255 (a white
+  image); we composite on white and rescale instead.
+- `list_images` / `folder_files`: the images of a folder, or a checked list of them; `read_list`: a list of paths
+  (or prompts) from a .txt or .json file.
+- `ImageListDataset`, `collate_skip_none`, `image_batches`: images by relative path, unreadable ones skipped and
+  counted.
+- `build_atomically`: a data folder written once, atomically (the embedded data sets).
 """
 
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, default_collate
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -89,3 +105,199 @@ def list_images(folder) -> list[Path]:
             f"image folder '{folder}' holds no image file with one of the extensions {', '.join(IMAGE_EXTENSIONS)}"
         )
     return paths
+
+
+def folder_files(folder, files: list[str] | None = None) -> list[str]:
+    """Relative paths (posix str) of the images to read under `folder`: every image (`list_images`, sorted) when
+    `files` is None, else `files` in their order after checking that each one exists under `folder`.
+
+    Raises FileNotFoundError naming the folder (and the extensions searched) when it is missing or holds no image,
+    or naming how many listed files are missing and the first few; ValueError for an empty list, an absolute or
+    `..` path, or a path listed twice.
+    """
+    folder = Path(folder)
+    if files is None:
+        return [path.relative_to(folder).as_posix() for path in list_images(folder)]
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"image folder '{folder}' does not exist (it should hold the {len(files)} listed files)"
+        )
+    files = [Path(f).as_posix() for f in files]
+    if not files:
+        raise ValueError(
+            f"the list of files to read from '{folder}' is empty; pass None to read the whole folder"
+        )
+    outside = [f for f in files if Path(f).is_absolute() or ".." in Path(f).parts]
+    if outside:
+        raise ValueError(
+            f"listed files must be paths relative to '{folder}'; {len(outside)} are not, e.g. {outside[:3]}"
+        )
+    repeated = sorted(f for f, count in Counter(files).items() if count > 1)
+    if repeated:
+        raise ValueError(
+            f"{len(repeated)} file(s) are listed more than once for '{folder}', e.g. {repeated[:3]}"
+        )
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of the {len(files)} listed files do not exist under '{folder}', e.g. {missing[:5]}"
+        )
+    return files
+
+
+def read_list(path, key: str | None = None) -> list[str]:
+    """The list of strings (image paths, prompts) held by the file `path`, under one set of rules:
+
+    - `.json`: a list of strings, or an object holding that list under `key` (e.g. key "train" or "control" of a
+      run's `subset_index.json`, written by `src.data.diffusion.image_folder`);
+    - any other suffix (`.txt`): one entry a line, surrounding spaces stripped, blank lines skipped.
+
+    Raises FileNotFoundError for a missing file, ValueError naming the file and the line (text) or the entry
+    (JSON) that is wrong, or when the file holds no entry, KeyError when the JSON object lacks `key`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"list file '{path}' does not exist (expected a .txt or .json list)")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() != ".json":
+        entries = [line.strip() for line in text.splitlines()]
+        entries = [entry for entry in entries if entry]
+    else:
+        try:
+            content = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"list file '{path}', line {error.lineno}: not valid JSON ({error.msg})"
+            ) from None
+        if isinstance(content, dict):
+            if key is None:
+                raise ValueError(f"list file '{path}' holds a JSON object; expected a JSON list of strings")
+            if key not in content:
+                raise KeyError(
+                    f"list file '{path}' is a JSON object without the key {key!r} (keys: {sorted(content)})"
+                )
+            content = content[key]
+        if not isinstance(content, list):
+            raise ValueError(
+                f"list file '{path}' must hold a JSON list of strings, not {type(content).__name__}"
+            )
+        for number, entry in enumerate(content):
+            if not isinstance(entry, str) or not entry.strip():
+                raise ValueError(f"list file '{path}', entry {number}: {entry!r} is not a non-empty string")
+        entries = content
+    if not entries:
+        raise ValueError(f"list file '{path}' holds no entry")
+    return entries
+
+
+class ImageListDataset(Dataset):
+    """The images `root / paths[i]`: item {"image": transform(image), "index": i}, or None when the file cannot be
+    read (logged once per file; `collate_skip_none` drops it and counts it in the batch).
+
+    Datasets that add to the item (labels, captions) subclass it and build their item on `load(index)`.
+    """
+
+    def __init__(self, root, paths, transform):
+        self.root = Path(root)
+        self.paths = list(paths)
+        self.transform = transform
+        self._reported = set()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image | None:
+        """Image `index` as 8-bit RGB (`load_rgb`), or None when unreadable."""
+        try:
+            return load_rgb(self.root / self.paths[index])
+        except UnreadableImage as error:
+            if index not in self._reported:
+                self._reported.add(index)
+                log.warning("skipping unreadable image: %s", error)
+            return None
+
+    def __getitem__(self, index: int) -> dict | None:
+        image = self.load(index)
+        return None if image is None else {"image": self.transform(image), "index": index}
+
+
+def collate_skip_none(batch: list) -> dict:
+    """Default-collate the items that are not None and add "num_skipped" (how many were None).
+
+    An all-None batch gives {"num_skipped": n} only; the LightningModule skips such a batch.
+    """
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        return {"num_skipped": len(batch)}
+    collated = default_collate(kept)
+    collated["num_skipped"] = len(batch) - len(kept)
+    return collated
+
+
+def image_batches(root, paths, transform, batch_size: int, num_workers: int = 0, desc: str = "images"):
+    """Yield (images (B, ...), indices into `paths` (B,)) over the readable images `root / paths[i]`, in order,
+    under a progress bar; unreadable files are logged and left out (`ImageListDataset`)."""
+    loader = DataLoader(
+        ImageListDataset(root, paths, transform),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_skip_none,
+    )
+    for batch in tqdm(loader, desc=desc, unit="batch"):
+        if "image" in batch:
+            yield batch["image"], batch["index"]
+
+
+def _remove_stale_builds(root: Path, name: str) -> None:
+    """Delete the temporary folders of interrupted builds of `name` whose process is gone."""
+    for tmp in root.glob(f".{name}.tmp-*"):
+        pid = int(tmp.name.split("-")[-2])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            log.info("removing the unfinished build %s (process %d is gone)", tmp, pid)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def build_atomically(root, name: str, write: Callable[[Path], dict], force: bool = False) -> Path:
+    """The folder `root/name`, built by `write(tmp)` unless a complete build (one with meta.json) is there.
+
+    `write` fills the temporary folder `tmp` and returns the content of meta.json. Atomic: the build is written
+    into a temporary sibling folder renamed into place once meta.json exists, so an interrupted build is never
+    taken for a complete one, and the temporary folders of interrupted builds are removed; when two processes
+    race, the first rename wins. `force` rebuilds. Raises RuntimeError for a folder without meta.json.
+    """
+    root = Path(root)
+    final = root / name
+    if final.exists() and not force:
+        if (final / "meta.json").is_file():
+            log.info("reusing %s", final)
+            return final
+        raise RuntimeError(
+            f"{final} exists but has no meta.json, so it is not a complete build of this code; "
+            "remove it or pass force=True"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(root, name)
+    tmp = root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        meta = write(tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        if force and final.exists():
+            old = root / f".{name}.old-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+            shutil.rmtree(old)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not (final / "meta.json").is_file():
+                raise
+            log.info("another process finished %s first; using it", final)
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -1,4 +1,5 @@
-"""Image complexity of the matched training images and its correlation with copying (PAPERS.md §2.8).
+"""Image complexity of the matched training images and its correlation with copying
+(docs/replication.md#dcr-measurement).
 
 Follows somepago/DCR `diff_retrieval.py`: each generation's top-1 training image is read at Resize(224) ->
 CenterCrop(224) and scored three ways, and each score is correlated (Pearson, `scipy.stats.pearsonr`) with the
@@ -85,9 +86,8 @@ def pearson(x, y) -> tuple[float, float]:
     if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan"), float("nan")
     with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore", stats.ConstantInputWarning
-        )  # near-constant input: r is still returned
+        # Near-constant input: scipy warns, but r is still returned.
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
         result = stats.pearsonr(x, y)
     return float(result.statistic), float(result.pvalue)
 

@@ -1,8 +1,8 @@
 """Replication statistics of generations against their training set, as the official DCR code computes them.
 
-Follows somepago/DCR `diff_retrieval.py` (PAPERS.md §1.6, §1.9, §2.8): features are L2-normalised and compared
-by dot product; each generation's top-1 similarity to the training set gives the `sim_*` statistics, each
-training image's similarity to its nearest other training image gives the background `bg_*` statistics.
+Follows somepago/DCR `diff_retrieval.py` (docs/replication.md#dcr-measurement): features are L2-normalised and
+compared by dot product; each generation's top-1 similarity to the training set gives the `sim_*` statistics,
+each training image's similarity to its nearest other training image gives the background `bg_*` statistics.
 
 Statistics exactly as the official code computes them with numpy:
 - mean: `np.mean`; std: `np.std`, i.e. the population std (ddof=0), not the sample std;
@@ -16,66 +16,44 @@ Two deliberate differences, both below float32 rounding for normalised features:
   (`topk(2)[:, -1]`), assuming the largest is the image itself. We exclude the image itself by index, so an
   exact duplicate still counts as similarity 1.0 (as it does in the official code) but a rounding error that
   makes a near-duplicate score above the self-similarity cannot shift the result. We also never build the
-  full G x N or N x N matrix (chunked search, `src.metrics.retrieval.retrieval_topk`).
+  full G x N or N x N matrix (blocked search, `src.metrics.search.search_topk`).
 - The statistics are computed in float64 (the official code runs numpy on float32 arrays).
 """
 
 import numpy as np
 import torch
 
-from src.metrics.retrieval import retrieval_topk
-from src.replication.search import as_feature_matrix
+from src.metrics.search import as_features, search_topk
 
-# How far from 1 a row's L2 norm may be before the features are rejected as not normalised. Loose enough
-# for features normalised in float16 (relative precision ~1e-3), tight enough to catch raw features.
-_NORM_TOLERANCE = 1e-2
 PERCENTILES = (75, 90, 95)
 
 
-def _as_features(x, name: str) -> torch.Tensor:
-    """Validate (rows, D) L2-normalised features: torch or numpy, floating point, non-empty, finite."""
-    x = as_feature_matrix(x, name)
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(
-            f"{name} is empty (shape {tuple(x.shape)}): replication statistics need >= 1 feature"
-        )
-    x = x if x.dtype == torch.float64 else x.float()
-    norms = x.norm(dim=1)
-    off = ((norms - 1).abs() > _NORM_TOLERANCE).nonzero()
-    if off.numel() > 0:
-        row = off[0].item()
-        raise ValueError(
-            f"{name} row {row} has L2 norm {norms[row].item():.4f} ({off.numel()} rows off by more than "
-            f"{_NORM_TOLERANCE}); replication statistics expect L2-normalised features: pass "
-            "torch.nn.functional.normalize(features, dim=1)"
-        )
-    return x
-
-
-def top1_similarities(generated, train, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def top1_similarities(
+    generated, train, chunk_size: int = 1024, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each generation's similarity to its nearest training image (`main_v, main_l` in DCR `diff_retrieval.py`).
 
     Args:
         generated: (G, D) L2-normalised features, torch or numpy.
         train: (N, D) L2-normalised features.
-        chunk_size: generations per similarity chunk (peak extra memory ~ chunk_size * N floats).
+        chunk_size: generations per score tile (`search_topk`, torch backend).
+        device: where the search runs (default: the device of `generated`); the results come back there.
 
     Returns:
-        sims (G,) float, the top-1 cosine similarity, and indices (G,) int64 into `train`, on the device of
-        `generated`.
+        sims (G,) float, the top-1 cosine similarity, and indices (G,) int64 into `train`.
     """
-    generated = _as_features(generated, "generated")
-    train = _as_features(train, "train")
+    generated = as_features(generated, "generated", unit_norm=True)
+    train = as_features(train, "train", unit_norm=True)
     if generated.shape[1] != train.shape[1]:
         raise ValueError(
             f"generated features {tuple(generated.shape)} and train features {tuple(train.shape)} have "
             "different dims D: extract both with the same extractor"
         )
-    scores, indices = retrieval_topk(generated, train, k=1, chunk_size=chunk_size)
+    scores, indices = search_topk(generated, train, 1, chunk_size=chunk_size, device=device, backend="torch")
     return scores[:, 0], indices[:, 0]
 
 
-def train_background(train, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def train_background(train, chunk_size: int = 1024, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each training image's similarity to its nearest OTHER training image (the DCR `bg_v` baseline).
 
     The image itself is excluded by index, not by value: an exact duplicate elsewhere in the set counts, with
@@ -83,20 +61,19 @@ def train_background(train, chunk_size: int = 1024) -> tuple[torch.Tensor, torch
 
     Args:
         train: (N, D) L2-normalised features, N >= 2.
-        chunk_size: rows per similarity chunk.
+        chunk_size: rows per score tile (`search_topk`, torch backend).
+        device: where the search runs (default: the device of `train`); the results come back there.
 
     Returns:
-        sims (N,) float and indices (N,) int64 of the nearest other image, on the device of `train`.
+        sims (N,) float and indices (N,) int64 of the nearest other image.
     """
-    train = _as_features(train, "train")
+    train = as_features(train, "train", unit_norm=True)
     if train.shape[0] < 2:
         raise ValueError(f"train has {train.shape[0]} image(s): the background needs >= 2 training images")
-    scores, indices = retrieval_topk(train, train, k=2, chunk_size=chunk_size)  # (N, 2)
-    # At most one of the top 2 is the image itself, so the best other image is column 1 when column 0 is self
-    # and column 0 otherwise (self can rank second, behind an exact duplicate, when scores tie).
-    rows = torch.arange(train.shape[0], device=indices.device)
-    column = (indices[:, 0] == rows).long()[:, None]  # (N, 1)
-    return scores.gather(1, column)[:, 0], indices.gather(1, column)[:, 0]
+    scores, indices = search_topk(
+        train, train, 1, chunk_size=chunk_size, device=device, exclude_self=True, backend="torch"
+    )
+    return scores[:, 0], indices[:, 0]
 
 
 def summary_stats(values, prefix: str) -> dict[str, float]:
@@ -111,7 +88,7 @@ def summary_stats(values, prefix: str) -> dict[str, float]:
 
 
 def stats_from_similarities(top1, background, threshold: float = 0.5) -> dict[str, float]:
-    """The DCR statistics from precomputed similarity vectors (any similarity: dot product, split-product).
+    """The DCR statistics from precomputed similarity vectors (any similarity, not only the dot product).
 
     Args:
         top1: (G,) each generation's top-1 similarity to the training set.
@@ -129,15 +106,18 @@ def stats_from_similarities(top1, background, threshold: float = 0.5) -> dict[st
     return out
 
 
-def replication_stats(generated, train, threshold: float = 0.5, chunk_size: int = 1024) -> dict[str, float]:
+def replication_stats(
+    generated, train, threshold: float = 0.5, chunk_size: int = 1024, device=None
+) -> dict[str, float]:
     """Replication statistics of generations against a training set, as DCR `diff_retrieval.py` logs them.
 
     Args:
         generated: (G, D) L2-normalised features of the generations, torch or numpy.
         train: (N, D) L2-normalised features of the training images (same extractor), N >= 2.
         threshold: top-1 similarity above which (strictly) a generation counts as a potential copy; 0.5 with
-            SSCD in both papers (PAPERS.md §1.8, §2.8).
-        chunk_size: rows per similarity chunk (peak extra memory ~ chunk_size * N floats).
+            SSCD in both papers (docs/replication.md#replication-statistics).
+        chunk_size: rows per score tile of the search.
+        device: where the searches run (default: the device of each input).
 
     Returns:
         {sim_mean, sim_std, sim_75pc, sim_90pc, sim_95pc, sim_gt_thr, bg_mean, bg_std, bg_75pc, bg_90pc,
@@ -145,8 +125,8 @@ def replication_stats(generated, train, threshold: float = 0.5, chunk_size: int 
         threshold, `bg_*` over the N nearest-other-training-image similarities. `sim_95pc` is the papers'
         headline "Sim" score.
     """
-    top1, _ = top1_similarities(generated, train, chunk_size)
-    background, _ = train_background(train, chunk_size)
+    top1, _ = top1_similarities(generated, train, chunk_size, device)
+    background, _ = train_background(train, chunk_size, device)
     return stats_from_similarities(top1, background, threshold)
 
 
@@ -156,9 +136,10 @@ def upweighted_split_stats(
     """Top-1 similarities split by whether the matched training image was up-weighted in training.
 
     The DCR `dup_image` / `dup_both` runs sample 5% of the training images with weight 5 and the rest with weight 1
-    (PAPERS.md §2.4); `diff_retrieval.py` then splits each generation's top-1 similarity by `weights[match] > 1`
-    (`weightplot.png`). Here "up-weighted" means a weight above `min_weight`, the smallest weight over the whole
-    training set, so weights saved as probabilities or on another scale split the same way.
+    (docs/memorization.md#duplication); `diff_retrieval.py` then splits each generation's top-1 similarity by
+    `weights[match] > 1` (`weightplot.png`). Here "up-weighted" means a weight above `min_weight`, the
+    smallest weight over the whole training set, so weights saved as probabilities or on another scale split
+    the same way.
 
     Args:
         top1: (G,) each generation's top-1 similarity to the training set.

@@ -1,7 +1,7 @@
 """Retrieval metrics for style / copy retrieval: chunked exact top-k search and the CSD paper's metrics.
 
 The metric definitions follow the official CSD code exactly (learn2phoenix/CSD `metrics/metrics.py`,
-`Metrics.get_*_bin`; PAPERS.md §3.7), so numbers compare with the paper's tables:
+`Metrics.get_*_bin`; docs/style.md#metric-definitions), so numbers compare with the paper's tables:
 
 - recall@k: success@k, the fraction of queries with at least one hit in the top k.
 - mAP@k: (1/k) * sum_{i=1..k} P@i per query (precision at EVERY rank, not only at relevant ranks, and not
@@ -18,6 +18,8 @@ for single-label data, one-hot labels give "same artist").
 import numpy as np
 import torch
 
+from src.metrics.search import as_features, search_topk
+
 # Cap on the (label pairs, k) block gathered at once when checking hits, so that a large k or densely labelled
 # queries never blow up memory: 2**26 elements.
 _MAX_GATHER_ELEMENTS = 2**26
@@ -31,16 +33,6 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
-def _as_embeddings(x, name: str) -> torch.Tensor:
-    x = _as_tensor(x, name)
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows, D) embeddings, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must hold floating-point embeddings, got dtype {x.dtype}")
-    # Half precision is upcast: CPU matmul in fp16 is slow, and fp16 scores create spurious ties in the ranking.
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def _as_labels(x, name: str) -> torch.Tensor:
     x = _as_tensor(x, name)
     if x.dim() != 2:
@@ -52,7 +44,8 @@ def _as_labels(x, name: str) -> torch.Tensor:
 
 
 def retrieval_topk(query, database, k: int, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k inner-product search, computed over query chunks (never the full Q x N matrix at once).
+    """Exact top-k inner-product search for retrieval: `search_topk` with the torch backend, one chunk_size x N
+    score tile at a time, on the query's device.
 
     Args:
         query: (Q, D) embeddings, torch or numpy. Scores are inner products (higher = closer), so pass
@@ -65,30 +58,7 @@ def retrieval_topk(query, database, k: int, chunk_size: int = 1024) -> tuple[tor
         scores (Q, min(k, N)) float, sorted descending, and indices (Q, min(k, N)) int64 into `database`, on the
         query's device. Ties are ordered as torch.topk orders them.
     """
-    query = _as_embeddings(query, "query")
-    database = _as_embeddings(database, "database").to(query.device)
-    if query.shape[1] != database.shape[1]:
-        raise ValueError(
-            f"query {tuple(query.shape)} and database {tuple(database.shape)} have different embedding dims D"
-        )
-    if database.shape[0] == 0:
-        raise ValueError("database is empty: nothing to retrieve")
-    if k < 1 or chunk_size < 1:
-        raise ValueError(f"k and chunk_size must be >= 1, got k={k}, chunk_size={chunk_size}")
-    dtype = torch.promote_types(query.dtype, database.dtype)
-    query, database = query.to(dtype), database.to(dtype)
-    k = min(k, database.shape[0])
-
-    scores, indices = [], []
-    for start in range(0, query.shape[0], chunk_size):
-        sims = query[start : start + chunk_size] @ database.T  # (c, N)
-        top = torch.topk(sims, k, dim=1, largest=True, sorted=True)
-        scores.append(top.values)
-        indices.append(top.indices)
-        del sims
-    if not scores:
-        return query.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long, device=query.device)
-    return torch.cat(scores), torch.cat(indices)
+    return search_topk(query, database, k, chunk_size=chunk_size, database_chunk_size=None, backend="torch")
 
 
 def hit_matrix(query_labels, database_labels, indices) -> torch.Tensor:
@@ -231,15 +201,16 @@ def retrieval_metrics(
 
     Returns:
         {"mAP@k", "recall@k", "MRR@k", "standardAP@k"} for each k, floats in [0, 1].
-        - mAP@k, recall@k, MRR@k: exactly the official definitions (PAPERS.md §3.7, module docstring).
+        - mAP@k, recall@k, MRR@k: exactly the official definitions (docs/style.md#metric-definitions, module
+          docstring).
         - standardAP@k: sum over relevant ranks i <= k of P@i, divided by min(k, number of relevant items in
           the whole database); queries with no relevant item in the database count 0 (they stay in the mean).
 
     Everything runs on the query's device (CPU or CUDA). The query set is not removed from the database: when
     they overlap, pass disjoint splits (as WikiArt's query / database split is).
     """
-    query = _as_embeddings(query, "query")
-    database = _as_embeddings(database, "database")
+    query = as_features(query, "query")
+    database = as_features(database, "database")
     query_labels = _as_labels(query_labels, "query_labels")
     database_labels = _as_labels(database_labels, "database_labels")
     if query.shape[0] != query_labels.shape[0]:

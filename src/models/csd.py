@@ -1,11 +1,13 @@
-"""CSD training: multi-label contrastive style loss + self-supervised views (PAPERS.md §3; official CSD/train_csd.py).
+"""CSD training: multi-label contrastive style loss + self-supervised views (docs/style.md#overview; official
+CSD/train_csd.py).
 
 Faithful to the official code by default, with the paper's variants as options:
-- loss = lambda_s · (lam_sup · L_sup + lambda_ssl · L_ssl) + lambda_c · L_content with lam_sup = 5, lambda_ssl = 1,
-  τ = 0.1, base temperature 1.0 (the paper's λ = lambda_ssl / lam_sup = 0.2);
+- loss = lam_sup · L_sup + lambda_ssl · L_ssl + lambda_c · L_content with lam_sup = 5, lambda_ssl = 1, τ = 0.1,
+  base temperature 1.0 (the paper's λ = lambda_ssl / lam_sup = 0.2);
   L_sup uses the first view as anchor and a count-valued label mask (`loss.label_mask=binary` is the paper's indicator).
 - SGD with backbone / head parameter groups, linear LR scaling by global batch / 256, weight decay on backbone
-  weights only, constant-with-warmup or cosine schedule, per-parameter gradient clipping (DINO style).
+  weights only, constant-with-warmup or cosine schedule, per-parameter gradient clipping (DINO style). The
+  optimizer and the schedule are `_partial_` configs (conf/model/csd.yaml), given the groups here.
 - the contrastive batch is gathered across GPUs with gradients flowing through the gather (`--use_distributed_loss`).
 """
 
@@ -14,6 +16,7 @@ import math
 import lightning as L
 import torch
 import torch.distributed as dist
+from hydra.utils import instantiate
 
 from src.losses import binary_label_mask, count_label_mask, dann_alpha, gather_with_grad, supcon_loss
 from src.metrics import retrieval_metrics, retrieval_topk
@@ -21,28 +24,17 @@ from src.nn.backbones import build_backbone
 from src.nn.csd import CSDNet
 from src.utils.guards import stop_on_nonfinite_loss
 
-DEFAULT_LOSS = {
-    "temperature": 0.1,
-    "base_temperature": 1.0,
-    "lam_sup": 5.0,
-    "lambda_ssl": 1.0,
-    "lambda_s": 1.0,
-    "lambda_c": 0.0,
-    "label_mask": "count",
-    "adversarial": True,
-    "clamp_content_loss": None,
-    "gather": True,
-}
-DEFAULT_OPTIMIZER = {
-    "name": "sgd",
-    "lr": 0.003,
-    "lr_backbone": 1e-4,
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "scale_lr": True,
-    "reference_batch": 256,
-}
-DEFAULT_SCHEDULER = {"name": "constant_with_warmup", "warmup_steps": 30000, "min_lr": 1e-6}
+LOSS_KEYS = (
+    "temperature",
+    "base_temperature",
+    "lam_sup",
+    "lambda_ssl",
+    "lambda_c",
+    "label_mask",
+    "adversarial",
+    "clamp_content_loss",
+    "gather",
+)
 SCHEDULES = ("constant", "constant_with_warmup", "cosine")
 
 
@@ -56,6 +48,21 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int, min
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, name: str, warmup_steps: int, min_lr: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """CSD's learning-rate schedule, stepped once per optimizer step: `lr_factor` of each parameter group's own
+    learning rate, the cosine ending at `min_lr` for every group. The `model.scheduler` config is a `_partial_` of
+    this function."""
+    if name not in SCHEDULES:
+        raise ValueError(f"model.scheduler.name={name!r}: expected one of {SCHEDULES}.")
+    factors = [
+        lambda step, base=group["lr"]: lr_factor(step, name, warmup_steps, total_steps, min_lr / base)
+        for group in optimizer.param_groups
+    ]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
 def clip_gradients_per_parameter(parameters, max_norm: float) -> None:
@@ -83,6 +90,11 @@ def gather_uneven(x: torch.Tensor) -> torch.Tensor:
 class CSDModule(L.LightningModule):
     """Trains a CSD style descriptor and scores it by query/database style retrieval.
 
+    loss: the loss weights and options of LOSS_KEYS (conf/model/csd.yaml). optimizer: a `_partial_` optimizer
+    config whose `lr` is the heads' learning rate; lr_backbone is the backbone's, both times global batch /
+    reference_batch when `scale_lr`; the optimizer's `weight_decay` acts on backbone weights only. scheduler: a
+    `_partial_` config of `lr_schedule`.
+
     Validation and test batches hold query images then database images of the datamodule's `val_set` /
     `test_set` (`index < len(set.query)` marks a query); embeddings are gathered over all ranks and scored with
     `retrieval_metrics`. The last scored retrieval is kept in `self.last_retrieval` for callbacks (gallery, saving).
@@ -91,11 +103,14 @@ class CSDModule(L.LightningModule):
     def __init__(
         self,
         backbone: dict,
+        loss: dict,
+        optimizer: dict,
+        scheduler: dict,
+        lr_backbone: float,
+        scale_lr: bool,
+        reference_batch: int,
         embed_dim: int | None = None,
         content_head: str = "copy",
-        loss: dict | None = None,
-        optimizer: dict | None = None,
-        scheduler: dict | None = None,
         clip_grad: float | None = 3.0,
         freeze_heads_steps: int = 0,
         batch_size: int = 64,
@@ -104,27 +119,20 @@ class CSDModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.loss_cfg = {**DEFAULT_LOSS, **(loss or {})}
-        self.optim_cfg = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
-        self.sched_cfg = {**DEFAULT_SCHEDULER, **(scheduler or {})}
-        if self.loss_cfg["label_mask"] not in ("count", "binary"):
-            raise ValueError(
-                f"model.loss.label_mask={self.loss_cfg['label_mask']!r}: expected 'count' or 'binary'."
-            )
-        if self.sched_cfg["name"] not in SCHEDULES:
-            raise ValueError(f"model.scheduler.name={self.sched_cfg['name']!r}: expected one of {SCHEDULES}.")
-        if (
-            not self.loss_cfg["adversarial"]
-            and self.loss_cfg["lambda_c"] > 0
-            and self.loss_cfg["clamp_content_loss"] is None
-        ):
+        missing = [key for key in LOSS_KEYS if key not in loss]
+        if missing:
+            raise ValueError(f"model.loss lacks {missing}: conf/model/csd.yaml lists every loss key.")
+        self.loss_cfg = dict(loss)
+        if loss["label_mask"] not in ("count", "binary"):
+            raise ValueError(f"model.loss.label_mask={loss['label_mask']!r}: expected 'count' or 'binary'.")
+        if not loss["adversarial"] and loss["lambda_c"] > 0 and loss["clamp_content_loss"] is None:
             raise ValueError(
                 "model.loss.adversarial=false negates the content loss, which is unbounded below: "
                 "set model.loss.clamp_content_loss (e.g. 3.0)."
             )
         self.net = CSDNet(build_backbone(**backbone), embed_dim, content_head)
         if (
-            self.loss_cfg["lambda_c"] == 0
+            loss["lambda_c"] == 0
         ):  # the content branch is off (official default): keep DDP free of unused params
             self.net.content_head.requires_grad_(False)
         self.eval_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -134,7 +142,7 @@ class CSDModule(L.LightningModule):
         """(B, 3, H, W) normalised images -> (B, P) L2-normalised style descriptors."""
         return self.net.embed(images)
 
-    # ---- training -------------------------------------------------------------------------------------------
+    # ---- training ------------------------------------------------------------------------------------------
     def csd_loss(self, style: torch.Tensor, content: torch.Tensor | None, labels: torch.Tensor) -> dict:
         """Loss terms on (possibly gathered) embeddings: style (B, V, P), content (B, V, P) or None, labels (B, L)."""
         c = self.loss_cfg
@@ -143,7 +151,7 @@ class CSDModule(L.LightningModule):
         mask = count_label_mask(labels) if c["label_mask"] == "count" else binary_label_mask(labels)
         sup = supcon_loss(style[:, :1], mask, **temps)  # first view is the anchor (official code)
         terms = {"loss_ssl": ssl, "loss_sup": sup}
-        total = c["lambda_s"] * (c["lam_sup"] * sup + c["lambda_ssl"] * ssl)
+        total = c["lam_sup"] * sup + c["lambda_ssl"] * ssl
         if content is not None:
             content_loss = supcon_loss(content[:, [0, -1]], None, **temps)  # plain vs photometric view
             if c["clamp_content_loss"] is not None:
@@ -155,32 +163,40 @@ class CSDModule(L.LightningModule):
         terms["loss"] = total
         return terms
 
-    def training_step(self, batch: dict, batch_idx: int):
-        if "images" not in batch:  # every image of the batch was unreadable
-            self.log("train/skipped_images", float(batch["num_skipped"]), reduce_fx="sum")
+    def reversal_alpha(self) -> float | None:
+        """DANN coefficient of the gradient reversal in front of the content head at this step (None: the content
+        loss is negated instead, `loss.adversarial=false`)."""
+        if not self.loss_cfg["adversarial"]:
             return None
-        images, labels = batch["images"], batch["labels"].float()  # (B, V, 3, H, W), (B, L)
-        num_views = images.shape[1]
+        return dann_alpha(self.global_step / max(1, self.trainer.estimated_stepping_batches))
+
+    def loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Loss terms (`csd_loss`: loss_ssl, loss_sup, loss_content when lambda_c > 0, and their weighted sum
+        `loss`) of views `batch["images"]` (B, V, 3, H, W) with multi-hot labels `batch["labels"]` (B, L); the
+        embeddings are gathered across GPUs first when `loss.gather`."""
+        images, labels = batch["images"], batch["labels"].float()
         with_content = self.loss_cfg["lambda_c"] > 0
-        if with_content and num_views < 3:
-            raise ValueError(
-                "model.loss.lambda_c > 0 needs the photometric view: set data.content_view=true."
-            )
-        progress = self.global_step / max(1, self.trainer.estimated_stepping_batches)
-        alpha = dann_alpha(progress) if self.loss_cfg["adversarial"] else None
+        if with_content and images.shape[1] < 3:
+            raise ValueError("model.loss.lambda_c > 0 needs the photometric view: set data.content_view=true")
+        alpha = self.reversal_alpha() if with_content else None
         _, style, content = self.net(images.flatten(0, 1), with_content=with_content, reverse_alpha=alpha)
         style = style.unflatten(0, images.shape[:2])  # (B, V, P)
         content = content.unflatten(0, images.shape[:2]) if content is not None else None
         if self.loss_cfg["gather"]:
             style, labels = gather_with_grad(style), gather_with_grad(labels)
             content = gather_with_grad(content) if content is not None else None
-        terms = self.csd_loss(style, content, labels)
-        stop_on_nonfinite_loss(self, terms["loss"])
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=True, batch_size=labels.shape[0])
-        if with_content:
-            self.log("train/dann_alpha", float(alpha or 0.0))
+        return self.csd_loss(style, content, labels)
+
+    def training_step(self, batch: dict, batch_idx: int):
         if batch.get("num_skipped"):
             self.log("train/skipped_images", float(batch["num_skipped"]), reduce_fx="sum")
+        if "images" not in batch:  # every image of the batch was unreadable
+            return None
+        terms = self.loss(batch)
+        stop_on_nonfinite_loss(self, terms["loss"])
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=True)
+        if self.loss_cfg["lambda_c"] > 0:
+            self.log("train/dann_alpha", float(self.reversal_alpha() or 0.0))
         return terms["loss"]
 
     def on_after_backward(self) -> None:
@@ -195,11 +211,9 @@ class CSDModule(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
-        o, s = self.optim_cfg, self.sched_cfg
-        global_batch = (
-            self.hparams.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        )
-        scale = global_batch / o["reference_batch"] if o["scale_lr"] else 1.0
+        hp = self.hparams
+        global_batch = hp.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        scale = global_batch / hp.reference_batch if hp.scale_lr else 1.0
         decay, no_decay = [], []
         for p in self.net.backbone.parameters():
             if p.requires_grad:
@@ -207,40 +221,19 @@ class CSDModule(L.LightningModule):
         heads = [
             p for m in (self.net.style_head, self.net.content_head) for p in m.parameters() if p.requires_grad
         ]
+        backbone_lr, heads_lr = hp.lr_backbone * scale, hp.optimizer["lr"] * scale
+        # the optimizer's own weight_decay acts on the first group only: backbone weights
         groups = [
-            {
-                "params": decay,
-                "lr": o["lr_backbone"] * scale,
-                "weight_decay": o["weight_decay"],
-                "name": "backbone",
-            },
-            {
-                "params": no_decay,
-                "lr": o["lr_backbone"] * scale,
-                "weight_decay": 0.0,
-                "name": "backbone_no_decay",
-            },
-            {"params": heads, "lr": o["lr"] * scale, "weight_decay": 0.0, "name": "heads"},
+            {"params": decay, "lr": backbone_lr, "name": "backbone"},
+            {"params": no_decay, "lr": backbone_lr, "weight_decay": 0.0, "name": "backbone_no_decay"},
+            {"params": heads, "lr": heads_lr, "weight_decay": 0.0, "name": "heads"},
         ]
-        if o["name"] == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=o["lr"] * scale, momentum=o["momentum"])
-        elif o["name"] == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=o["lr"] * scale)
-        else:
-            raise ValueError(f"model.optimizer.name={o['name']!r}: expected 'sgd' or 'adamw'.")
-        total = self.trainer.estimated_stepping_batches
-        factors = [
-            (
-                lambda step, base=g["lr"]: lr_factor(
-                    step, s["name"], s["warmup_steps"], total, s["min_lr"] / base
-                )
-            )
-            for g in groups
-        ]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+        optimizer = instantiate(hp.optimizer, _convert_="all")(groups)
+        total_steps = self.trainer.estimated_stepping_batches
+        scheduler = instantiate(hp.scheduler, _convert_="all")(optimizer, total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ---- retrieval evaluation ---------------------------------------------------------------------------------
+    # ---- retrieval evaluation ------------------------------------------------------------------------------
     def _eval_step(self, batch: dict) -> None:
         if "image" in batch:
             self.eval_outputs.append((self.net.embed(batch["image"]).float(), batch["index"]))

@@ -2,7 +2,7 @@
 
 `build_backbone` returns the network that maps normalised images to *pre-projection* features, plus what is needed
 to feed it (mean, std, image size). For CLIP towers the visual projection is taken out of the network and handed
-back separately: CSD initialises its style and content heads from copies of it (PAPERS.md §3.1; official
+back separately: CSD initialises its style and content heads from copies of it (docs/style.md#model; official
 CSD/model.py), and the zero-shot CLIP baseline is `features @ projection`.
 """
 
@@ -167,8 +167,9 @@ def build_backbone(
     """Build an image backbone that outputs pre-projection features (see `Backbone`).
 
     source="open_clip": `name` is an open_clip model ("ViT-B-16", "ViT-L-14": 768-d / 1024-d features with a
-        768x512 / 1024x768 projection, PAPERS.md §3.1); `pretrained` a tag ("openai"), a full-CLIP checkpoint
-        path, or None. Only the image tower is kept. OpenAI tags switch on QuickGELU (see `create_open_clip`). `image_size` maps to open_clip's `force_image_size`.
+        768x512 / 1024x768 projection, docs/style.md#model); `pretrained` a tag ("openai"), a full-CLIP
+        checkpoint path, or None. Only the image tower is kept. OpenAI tags switch on QuickGELU (see
+        `create_open_clip`). `image_size` maps to open_clip's `force_image_size`.
     source="timm": `name` is a timm model, optionally with a weight tag ("vit_base_patch16_224.dino",
         "resnet50"); `pretrained` true (download the tag's weights), a checkpoint path, or None/false. The
         classifier is removed (num_classes=0), so the output is timm's pooled pre-logits feature.

@@ -1,4 +1,5 @@
-"""The CSD network: a backbone with a style head and a content head (PAPERS.md §3.1; official code CSD/model.py).
+"""The CSD network: a backbone with a style head and a content head (docs/style.md#model; official code
+CSD/model.py).
 
 Lightning-free, so notebooks and extractors can use a trained descriptor without the training harness.
 """
@@ -54,8 +55,9 @@ def make_linear_head(backbone: Backbone, embed_dim: int | None) -> nn.Linear:
 class CSDNet(nn.Module):
     """Backbone + L2-normalised style and content embeddings.
 
-    The content head sits behind a gradient-reversal layer (PAPERS.md §3.1): its coefficient `alpha` follows the
-    DANN schedule and is passed in by the training loop. Style embeddings are the descriptor used at inference.
+    The content head sits behind a gradient-reversal layer (docs/style.md#model): its coefficient `alpha`
+    follows the DANN schedule and is passed in by the training loop. Style embeddings are the descriptor used
+    at inference.
     """
 
     def __init__(self, backbone: Backbone, embed_dim: int | None = None, content_head: str = "copy"):
@@ -106,8 +108,8 @@ def load_csd(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, di
 
     Reads our Lightning checkpoints (the config that rebuilds the network is inside) and the official release's
     `checkpoint.pth` (`model_state_dict` with `backbone.*`, `last_layer_style`, `last_layer_content`: the OpenAI
-    CLIP ViT-L/14 visual tower, PAPERS.md §3.1 / issue learn2phoenix/CSD#8). Loaded with `weights_only=True`.
-    The info dict has `image_size`, `mean`, `std`, `backbone`.
+    CLIP ViT-L/14 visual tower, docs/style.md#model; reported on learn2phoenix/CSD#8). Loaded with
+    `weights_only=True`. The info dict has `image_size`, `mean`, `std`, `backbone`.
     """
     path = Path(path)
     if not path.is_file():

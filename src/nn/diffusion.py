@@ -9,6 +9,7 @@ it falls in, so interrupted sampling resumes with the same images.
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
@@ -23,14 +24,24 @@ def check_choice(key: str, value: str, choices) -> str:
     return value
 
 
-def build_noise_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
-                          beta_end: float = 0.02, prediction_type: str = "epsilon",
-                          clip_sample: bool = True) -> DDPMScheduler:  # fmt: skip
+def build_noise_scheduler(
+    num_train_timesteps: int = 1000,
+    beta_schedule: str = "linear",
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    prediction_type: str = "epsilon",
+    clip_sample: bool = True,
+) -> DDPMScheduler:
     """The training noise schedule (DDPM: linear betas 1e-4 to 0.02 over 1,000 steps, ε-prediction)."""
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                         beta_start=beta_start, beta_end=beta_end, prediction_type=prediction_type,
-                         clip_sample=clip_sample)  # fmt: skip
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        prediction_type=prediction_type,
+        clip_sample=clip_sample,
+    )
 
 
 def build_sampler(name: str, noise_scheduler) -> DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler:
@@ -51,26 +62,59 @@ def training_target(noise_scheduler, clean: torch.Tensor, noise: torch.Tensor, t
     raise ValueError(f"prediction_type={kind!r} is not known; valid: {', '.join(PREDICTION_TYPES)}")
 
 
+def denoising_loss(
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise_scheduler,
+    clean: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    timesteps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The denoising loss of a batch of clean images or latents (B, C, H, W), as the DDPM paper's training step:
+    noise ε ~ N(0, I) and timesteps t ~ U{0, ..., T-1} (drawn in this order when not given), x_t = `add_noise`(x_0, ε,
+    t), then the mean squared error between `predict(x_t, t)` and the schedule's target (`training_target`).
+
+    predict(x_t, t) is the network's forward: wrap it there for conditioning (text embeddings).
+    """
+    if noise is None:
+        noise = torch.randn_like(clean)
+    if timesteps is None:
+        num_train_timesteps = noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_train_timesteps, (clean.shape[0],), device=clean.device)
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    prediction = predict(noisy, timesteps)
+    target = training_target(noise_scheduler, clean, noise, timesteps)
+    return F.mse_loss(prediction.float(), target.float())
+
+
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
-OPTIMIZER_DEFAULTS = {"lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 0.0, "eps": 1e-8}
-SCHEDULE_DEFAULTS = {"name": "constant_with_warmup", "warmup_steps": 500}
 
 
-def build_optimizer(parameters, optimizer: dict, scheduler: dict, total_steps: int) -> dict:
-    """AdamW (weight decay on matrices and convolutions only, not on biases and norms) and a diffusers learning-rate
-    schedule with warm-up (`get_scheduler`), as Lightning's `configure_optimizers` returns them."""
+def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, name: str, warmup_steps: int):
+    """diffusers' learning-rate schedule `name` (`get_scheduler`: constant, or linear warm-up over `warmup_steps`
+    then constant, linear decay or cosine decay to 0 at `total_steps`), stepped once per optimizer step. The
+    `model.scheduler` config is a `_partial_` of this function."""
     from diffusers.optimization import get_scheduler
 
-    o, s = {**OPTIMIZER_DEFAULTS, **optimizer}, {**SCHEDULE_DEFAULTS, **scheduler}
-    check_choice("model.scheduler.name", s["name"], LR_SCHEDULES)
+    check_choice("model.scheduler.name", name, LR_SCHEDULES)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def build_optimizer(parameters, optimizer: Callable, scheduler: Callable, total_steps: int) -> dict:
+    """The optimizer and learning-rate schedule of a diffusion UNet, as Lightning's `configure_optimizers` returns
+    them. optimizer: a partial optimizer class (AdamW with its lr, betas, eps, weight_decay: `model.optimizer`),
+    given two parameter groups of the trainable `parameters`: weight decay on matrices and convolutions, none on
+    biases and norms. scheduler: a partial of `lr_schedule` (`model.scheduler`), given the optimizer and
+    `total_steps`."""
     parameters = [p for p in parameters if p.requires_grad]
-    groups = [{"params": [p for p in parameters if p.ndim > 1], "weight_decay": o["weight_decay"]},
-              {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0}]  # fmt: skip
-    adamw = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
-    schedule = get_scheduler(
-        s["name"], adamw, num_warmup_steps=s["warmup_steps"], num_training_steps=total_steps
-    )
-    return {"optimizer": adamw, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+    groups = [
+        {"params": [p for p in parameters if p.ndim > 1]},
+        {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    built = optimizer(groups)
+    return {
+        "optimizer": built,
+        "lr_scheduler": {"scheduler": scheduler(built, total_steps), "interval": "step"},
+    }
 
 
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -79,8 +123,16 @@ def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
 
 
 @torch.no_grad()
-def sample_loop(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sampler, shape: tuple,
-                seeds: list[int], steps: int, device, dtype=torch.float32, progress: bool = False) -> torch.Tensor:  # fmt: skip
+def sample_loop(
+    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    sampler,
+    shape: tuple,
+    seeds: list[int],
+    steps: int,
+    device,
+    dtype=torch.float32,
+    progress: bool = False,
+) -> torch.Tensor:
     """Reverse diffusion from seeded Gaussian noise: (B, C, H, W) samples (pixels in about [-1, 1], or latents),
     B = len(seeds).
 
@@ -132,3 +184,13 @@ def build_ema(network: torch.nn.Module, decay: float):
 
     ema = AveragedModel(network, multi_avg_fn=ema_with_warmup(decay))
     return ema.requires_grad_(False)
+
+
+def ema_step(ema, network: torch.nn.Module, step: int, last_step: int) -> int:
+    """Update `ema` (from `build_ema`; None: no EMA) from `network` once per optimizer step. Called after every
+    batch with the optimizer `step` count: it acts only when `step` moved past `last_step` (with gradient accumulation
+    most batches end without an optimizer step). Returns the step of the last update."""
+    if ema is None or step == last_step:
+        return last_step
+    ema.update_parameters(network)
+    return step

@@ -2,11 +2,13 @@
 
 Each extractor declares its own preprocessing (`transform()`: PIL RGB image -> (3, H, W) tensor) and maps a batch
 of preprocessed images to L2-normalised float32 descriptors (`forward`), so that similarity is a dot product
-(PAPERS.md §1.5, §3.6). Baseline preprocessing follows the official CSD `main_sim.py` (PAPERS.md §3.6): CLIP uses
-its own preprocessing, CSD its `branch0`, DINO / VGG Resize256 -> CenterCrop224 with ImageNet mean/std.
-Replication analysis follows the DCR `diff_retrieval.py` instead (PAPERS.md §1.5): Resize256 -> CenterCrop224 ->
-Normalize(0.5, 0.5) for every extractor. Extractors used by both take `preprocess="native" | "dcr"`; the default
-keeps each one's native preprocessing (what the retrieval configs expect) except SSCD, which defaults to "dcr".
+(docs/replication.md#split-product-similarity, docs/style.md#evaluation-protocol). Baseline preprocessing
+follows the official CSD `main_sim.py` (docs/style.md#evaluation-protocol): CLIP uses its own preprocessing,
+CSD its `branch0`, DINO / VGG Resize256 -> CenterCrop224 with ImageNet mean/std. Replication analysis follows
+the DCR `diff_retrieval.py` instead
+(docs/replication.md#split-product-similarity): Resize256 -> CenterCrop224 -> Normalize(0.5, 0.5) for every
+extractor. Extractors used by both take `preprocess="native" | "dcr"`; the default keeps each one's native
+preprocessing (what the retrieval configs expect) except SSCD, which defaults to "dcr".
 
 Inputs must be RGB PIL images: convert grayscale / RGBA / palette images in the dataset (`image.convert("RGB")`).
 The transforms raise on other modes instead of guessing how to drop alpha or expand gray.
@@ -31,7 +33,7 @@ from src.nn.sscd import SSCD_ARCHS, GeMPool, build_sscd, is_torchscript, read_ss
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DCR_MEAN = DCR_STD = (0.5, 0.5, 0.5)
-POOLS = ("token", "avg", "tokens")
+POOLS = ("token", "avg")
 PREPROCESS = ("native", "dcr")
 
 
@@ -67,8 +69,9 @@ def resize_crop_transform(
 
 
 def dcr_transform(image_size: int = 224, resize_size: int | None = None) -> T.Compose:
-    """The DCR replication preprocessing (`diff_retrieval.py`, PAPERS.md §1.5): Resize(256) -> CenterCrop(224) ->
-    ToTensor -> Normalize(0.5, 0.5). For a network fed at another size, the resize keeps DCR's 256/224 ratio."""
+    """The DCR replication preprocessing (`diff_retrieval.py`, docs/replication.md#split-product-similarity):
+    Resize(256) -> CenterCrop(224) -> ToTensor -> Normalize(0.5, 0.5). For a network fed at another size, the
+    resize keeps DCR's 256/224 ratio."""
     if resize_size is None:
         resize_size = round(image_size * 256 / 224)
     return resize_crop_transform(image_size, resize_size, DCR_MEAN, DCR_STD)
@@ -105,11 +108,7 @@ class Extractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed images -> (B, dim) L2-normalised float32 descriptors.
-
-        Token extractors (`embed` returning (B, T, dim)) give (B, T, dim) float32 tokens whose flattened T*dim
-        vector has unit norm: normalised globally as the DCR split-product does, not per token (PAPERS.md §1.5).
-        """
+        """(B, 3, H, W) preprocessed images -> (B, dim) L2-normalised float32 descriptors."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(
                 f"{self.name}: expected preprocessed images of shape (B, 3, H, W), got {tuple(images.shape)}."
@@ -118,10 +117,7 @@ class Extractor(nn.Module):
         if param is not None:  # follow the weights, e.g. after extractor.half().cuda()
             images = images.to(device=param.device, dtype=param.dtype)
         # Normalise in float32: fp16 sums of squares over thousands of dims overflow.
-        features = self.embed(images).float()
-        if features.ndim == 3:  # (B, T, D) tokens: one global norm per image
-            return F.normalize(features.flatten(1), dim=1).view_as(features)
-        return F.normalize(features, dim=-1)
+        return F.normalize(self.embed(images).float(), dim=-1)
 
     def train(self, mode: bool = True):
         # A frozen descriptor: BatchNorm/dropout must not switch to training behaviour when a parent
@@ -193,7 +189,8 @@ class ColorHistogramExtractor(Extractor):
 
 
 class GramExtractor(Extractor):
-    """VGG Gram-matrix style descriptor (PAPERS.md §3.6, §3.8 "VGG Gram" row; official CSD `main_sim.py`).
+    """VGG Gram-matrix style descriptor (docs/style.md#evaluation-protocol, docs/style.md#table-1 "VGG Gram"
+    row; official CSD `main_sim.py`).
 
     The official code takes torchvision VGG16 (IMAGENET1K_V1 = timm "vgg16.tv_in1k") `features(x)`, i.e. the last
     conv block after its max-pool, forms G = F F^T for F (B, C, H*W), flattens the full C x C matrix and
@@ -256,10 +253,11 @@ class OpenCLIPExtractor(Extractor):
     """CLIP image embedding (`encode_image`, projection included) with CLIP's own preprocessing.
 
     preprocess="native" (default): open_clip's validation transform for the model (Resize shorter side bicubic ->
-    CenterCrop -> OpenAI mean/std for the OpenAI weights), as in the official CSD baselines (PAPERS.md §3.6).
-    preprocess="dcr": the DCR replication transform (PAPERS.md §1.5) at the model's input size s:
-    Resize(round(s * 256 / 224)) -> CenterCrop(s) -> Normalize(0.5, 0.5), i.e. Resize256/CenterCrop224 at 224 px.
-    OpenAI tags switch on QuickGELU (see `create_open_clip`).
+    CenterCrop -> OpenAI mean/std for the OpenAI weights), as in the official CSD baselines
+    (docs/style.md#evaluation-protocol).
+    preprocess="dcr": the DCR replication transform (docs/replication.md#split-product-similarity) at the
+    model's input size s: Resize(round(s * 256 / 224)) -> CenterCrop(s) -> Normalize(0.5, 0.5), i.e.
+    Resize256/CenterCrop224 at 224 px. OpenAI tags switch on QuickGELU (see `create_open_clip`).
     """
 
     def __init__(
@@ -307,18 +305,14 @@ class OpenCLIPExtractor(Extractor):
 
 
 class TimmExtractor(Extractor):
-    """A timm network's descriptor: the class token ("token", DINO's descriptor), the mean of the patch tokens
-    ("avg"; for CNNs timm's own global average pool), or all output tokens ("tokens", ViTs only). ViT tokens are
-    taken after the final norm.
-
-    pool="tokens" returns (B, T, D) features, T = prefix (class) tokens + patches, as the DCR code's DINO with
-    `global_pool=''` (197 x 768 for ViT-B/16 at 224 px), for `src.replication.search.split_product_similarity`
-    (PAPERS.md §1.5). They are L2-normalised over the flattened T*D vector, not per token; `dim` is D.
+    """A timm network's descriptor: the class token ("token", DINO's descriptor) or the mean of the patch tokens
+    ("avg"; for CNNs timm's own global average pool). ViT tokens are taken after the final norm.
 
     Preprocessing: Resize(resize_size) -> CenterCrop(image_size) -> Normalize(mean, std).
     preprocess="native" (default): mean/std default to the weights' own (ImageNet for DINO, the paper's choice,
-    PAPERS.md §3.6). preprocess="dcr": Normalize(0.5, 0.5) as the DCR replication code (PAPERS.md §1.5); with the
-    default sizes this is DCR's Resize256 -> CenterCrop224. mean/std cannot be given with "dcr".
+    docs/style.md#evaluation-protocol). preprocess="dcr": Normalize(0.5, 0.5) as the DCR replication code
+    (docs/replication.md#split-product-similarity); with the default sizes this is DCR's Resize256 ->
+    CenterCrop224. mean/std cannot be given with "dcr".
     """
 
     def __init__(
@@ -348,10 +342,6 @@ class TimmExtractor(Extractor):
             raise ValueError(
                 f"TimmExtractor: pool='token' needs a model with a class token; {model!r} has none."
             )
-        if pool == "tokens" and not self.is_vit:
-            raise ValueError(
-                f"TimmExtractor: pool='tokens' needs a ViT (token outputs); {model!r} is not one."
-            )
         self.pool = pool
         self.image_size, self.resize_size = image_size, resize_size
         if preprocess == "dcr":
@@ -372,8 +362,6 @@ class TimmExtractor(Extractor):
         if not self.is_vit:
             return self.net(images)  # (B, C): timm's pooled pre-logits (num_classes=0)
         tokens = self.net.forward_features(images)  # (B, T, D) after the final norm
-        if self.pool == "tokens":
-            return tokens
         if self.pool == "token":
             return tokens[:, 0]
         return tokens[:, self.net.num_prefix_tokens :].mean(dim=1)
@@ -386,14 +374,15 @@ SSCD_PREPROCESS = ("dcr", "native", "native_320")
 
 class SSCDExtractor(Extractor):
     """SSCD copy-detection descriptor (Pizzi et al. 2022; facebookresearch/sscd-copy-detection), the extractor of
-    the DCR replication studies (PAPERS.md §1.4, §1.8): ResNet-50 (`sscd_disc_mixup`, 512-d) or ResNeXt-101 32x4d
-    (`sscd_disc_large`, 1024-d) -> GeM pooling (p=3) -> linear -> L2 normalisation.
+    the DCR replication studies (docs/replication.md#feature-extractors): ResNet-50 (`sscd_disc_mixup`, 512-d)
+    or ResNeXt-101 32x4d (`sscd_disc_large`, 1024-d) -> GeM pooling (p=3) -> linear -> L2 normalisation.
 
     checkpoint: an official TorchScript file (`sscd_disc_mixup.torchscript.pt`; loaded with torch.jit.load, `arch`
     and `dim` are then ignored: the file defines the network), a state dict of `build_sscd(arch, dim)` (the official
     `*.torchvision.pt` layout), or None for random weights (tests only).
     preprocess: "dcr" (default): Resize256 -> CenterCrop224 -> Normalize(0.5, 0.5), the DCR `diff_retrieval.py`
-    choice (PAPERS.md §1.5; DCR's `embedding_search` uses the same sizes with ImageNet mean/std instead).
+    choice (docs/replication.md#split-product-similarity; DCR's `embedding_search` uses the same sizes with
+    ImageNet mean/std instead).
     "native": SSCD README `small_288`, Resize(288) on the shorter side, no crop, ImageNet mean/std; images of
     different aspect ratios give different sizes, so batch them one at a time or by aspect ratio.
     "native_320": SSCD README `skew_320`, Resize((320, 320)) ignoring the aspect ratio, ImageNet mean/std.
@@ -468,7 +457,7 @@ class SSCDExtractor(Extractor):
 
 
 class CSDExtractor(Extractor):
-    """A trained CSD style descriptor (PAPERS.md §3.1: style-head embedding, dot-product similarity).
+    """A trained CSD style descriptor (docs/style.md#model: style-head embedding, dot-product similarity).
 
     Loads our Lightning checkpoints or the official release via `src.nn.csd.load_csd`. Preprocessing is the
     official `branch0`: Resize(image_size, bicubic) -> CenterCrop(image_size) -> Normalize(mean, std) with the

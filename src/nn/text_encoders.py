@@ -3,11 +3,12 @@
 Three sources, one interface (`tokenize(list[str]) -> (B, L) ids`, `forward(ids) -> (B, L, D)`, `.dim`):
 
 - `open_clip` with `model_name=None`: a small randomly initialised CLIP text transformer on open_clip's CLIP BPE
-  tokenizer (shipped with the package, so CPU runs and tests need no download); frozen, as the quick trial of issue 5.
+  tokenizer (shipped with the package, so CPU runs and tests need no download); frozen, for the CPU quick trials.
 - `open_clip` with a model name (`ViT-B-32`, `ViT-H-14`, ...) and a `pretrained` tag or local file: that model's text
   tower; the hidden states after the final LayerNorm, as Stable Diffusion uses them.
 - `stable_diffusion`: the `text_encoder` / `tokenizer` folders of a diffusers Stable Diffusion directory
-  (transformers' CLIPTextModel, `last_hidden_state`), as DCR's fine-tuning (PAPERS.md §2.1).
+  (transformers' CLIPTextModel, `last_hidden_state`), as DCR's fine-tuning
+  (docs/memorization.md#training-setup).
 """
 
 from pathlib import Path
@@ -21,8 +22,15 @@ SOURCES = ("open_clip", "stable_diffusion")
 class OpenCLIPTextEncoder(nn.Module):
     """open_clip text transformer; `model_name=None` builds a random one of `width` / `layers` / `heads`."""
 
-    def __init__(self, model_name: str | None = None, pretrained: str | None = None, context_length: int = 77,
-                 width: int = 128, layers: int = 2, heads: int = 4):  # fmt: skip
+    def __init__(
+        self,
+        model_name: str | None = None,
+        pretrained: str | None = None,
+        context_length: int = 77,
+        width: int = 128,
+        layers: int = 2,
+        heads: int = 4,
+    ):
         super().__init__()
         import open_clip
         from open_clip.transformer import TextTransformer
@@ -30,8 +38,14 @@ class OpenCLIPTextEncoder(nn.Module):
         self.context_length = context_length
         self.tokenizer = open_clip.get_tokenizer(model_name or "ViT-B-32")
         if model_name is None:
-            self.text = TextTransformer(context_length=context_length, width=width, heads=heads, layers=layers,
-                                        output_dim=width, output_tokens=True)  # fmt: skip
+            self.text = TextTransformer(
+                context_length=context_length,
+                width=width,
+                heads=heads,
+                layers=layers,
+                output_dim=width,
+                output_tokens=True,
+            )
             self.dim = width
         else:
             model = open_clip.create_model(model_name, pretrained=pretrained)
@@ -76,8 +90,11 @@ class StableDiffusionTextEncoder(nn.Module):
         self.dim = self.model.config.hidden_size
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
-        return self.tokenizer(list(captions), padding="max_length", truncation=True,
-                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
+        max_length = self.tokenizer.model_max_length
+        tokens = self.tokenizer(
+            list(captions), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        return tokens.input_ids
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids).last_hidden_state
@@ -89,8 +106,9 @@ def build_text_encoder(source: str = "open_clip", path: str | None = None, **kwa
         raise ValueError(f"text_encoder.source={source!r} is not known; valid: {', '.join(SOURCES)}")
     if source == "stable_diffusion":
         if path is None or not (Path(path) / "text_encoder").is_dir():
-            raise FileNotFoundError(f"text_encoder.path={path!r} has no text_encoder/ folder of a diffusers Stable "
-                                    "Diffusion directory")  # fmt: skip
+            raise FileNotFoundError(
+                f"text_encoder.path={path!r} has no text_encoder/ folder of a diffusers Stable Diffusion directory"
+            )
         encoder = StableDiffusionTextEncoder(path)
     else:
         encoder = OpenCLIPTextEncoder(**kwargs)

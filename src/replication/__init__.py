@@ -1,9 +1,5 @@
-"""Replication analysis: exact bounded-memory similarity search of generations against training images.
+"""Folder-level replication work: features of image folders and their cache, the analysis of generations against
+training images, its report, folder FID and CLIP score, and the pieces shared by the study aggregates.
 
-Statistics over the search results live in `src.metrics.replication` (pure functions on features); the whole
-report is `src.replication.analysis.analyse_replication`.
+The search and the statistics it reports are pure functions in `src.metrics` (`search`, `replication`).
 """
-
-from src.replication.search import faiss_topk, search_topk, split_product_similarity
-
-__all__ = ["faiss_topk", "search_topk", "split_product_similarity"]

@@ -1,14 +1,15 @@
 """Replication analysis of a folder of generations against a training folder, as one library call.
 
-`analyse_replication` is the DCR measurement (somepago/DCR `diff_retrieval.py`; PAPERS.md §1.5, §1.9, §2.8) with any
-extractor of `src.nn.extractors`: features of both folders (the training set's cached on disk), exact top-k search of
-each generation in the training set, the `sim_*` / `bg_*` statistics and the report folder (`src.replication.report`),
-plus the extras of the DCR evaluation:
-- the top-1 statistics split by whether the matched training image was up-weighted in training (PAPERS.md §2.4);
+`analyse_replication` is the DCR measurement (somepago/DCR `diff_retrieval.py`;
+docs/replication.md#dcr-measurement) with any extractor of `src.nn.extractors`: features of both folders (the
+training set's cached on disk), exact top-k search of each generation in the training set, the `sim_*` /
+`bg_*` statistics and the report folder (`src.replication.report`), plus the extras of the DCR evaluation:
+- the top-1 statistics split by whether the matched training image was up-weighted in training
+  (docs/memorization.md#duplication);
 - the correlation of top-1 similarity with the matched training image's complexity (`src.metrics.complexity`);
-- FID between the training and the generated folder (`src.metrics.fid`);
+- FID between the training and the generated folder (`src.replication.fid`);
 - the CLIP score of the generations against their prompts, and of the training images against their caption 0
-  (`src.metrics.clip_score`).
+  (`src.replication.clip_score`).
 `python -m src.replicate` is its Hydra entry; a training callback calls it once against the training subset and
 once against held-out images (`train_files=`).
 """
@@ -21,39 +22,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from src.data.images import load_rgb
-from src.metrics.clip_score import clip_score_of_files, load_clip
+from src.data.images import folder_files, load_rgb
 from src.metrics.complexity import MEASURES, complexity_correlations, complexity_image, image_complexity
-from src.metrics.fid import build_fid_inception, fid_between_folders
 from src.metrics.replication import stats_from_similarities, train_background, upweighted_split_stats
-from src.replication.features import cached_folder_features, extract_folder, folder_files
+from src.metrics.search import search_topk
+from src.replication.clip_score import clip_score_of_files, load_clip
+from src.replication.features import cached_folder_features, extract_folder
+from src.replication.fid import build_fid_inception, fid_between_folders
 from src.replication.report import write_complexity, write_report
-from src.replication.search import search_topk
 
 log = logging.getLogger(__name__)
 
 FID_KEYS = ("weights", "feature", "batch_size")
 CLIP_KEYS = ("model", "pretrained", "tokenizer", "batch_size", "train_captions")
-
-
-def read_file_list(path, key: str = "train") -> list[str]:
-    """Relative image paths from an index file: a .txt (one path per line, blank lines ignored), a .json list, or a
-    .json object holding the list under `key` (e.g. the `subset_index.json` of `src.data.image_folder`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"file list '{path}' does not exist (expected a .txt or .json list of paths)")
-    if path.suffix != ".json":
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    content = json.loads(path.read_text())
-    if isinstance(content, dict):
-        if key not in content:
-            raise KeyError(
-                f"file list '{path}' is a JSON object without the key '{key}' (keys: {sorted(content)})"
-            )
-        content = content[key]
-    if not isinstance(content, list) or not all(isinstance(p, str) for p in content):
-        raise ValueError(f"file list '{path}' must hold a list of relative paths (strings)")
-    return content
 
 
 def load_prompts(prompts, generated_paths: list[str]) -> list[str] | None:
@@ -92,7 +73,8 @@ def load_prompts(prompts, generated_paths: list[str]) -> list[str] | None:
 
 
 def load_sampling_weights(source, train_listing: list[str]) -> dict[str, float]:
-    """Per-image sampling weights {relative path: weight} of a training run (PAPERS.md §2.4).
+    """Per-image sampling weights {relative path: weight} of a training run
+    (docs/memorization.md#duplication).
 
     source: a .json file or dict {path relative to the training folder: weight}, or a .npy / .pt file (or an array)
     of weights aligned with `train_listing`, the training files in the order the run listed them (the `train_files`
@@ -315,7 +297,7 @@ def analyse_replication(
             f"{tuple(train.features.shape)} differ in dimension: the cache and the extractor disagree"
         )
     scores, indices = match_generations(generated.features, train.features, k, device)
-    background, _ = train_background(train.features)
+    background, _ = train_background(train.features, device=device)
     top1, matched = scores[:, 0], [train.paths[i] for i in indices[:, 0].tolist()]
     stats = stats_from_similarities(top1, background, threshold)
     extra = {

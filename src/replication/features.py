@@ -5,24 +5,20 @@ training-set features are cached under `cache_dir`, keyed by a hash of the image
 modification times), the extractor's `name` and its config: a second analysis against the same folder extracts
 nothing, while another extractor or another version of the folder (a file added, removed, rewritten or touched) gets
 a new key and is never served a stale cache. `files=` restricts a folder to listed images (a training subset of a
-larger folder, e.g. 300 of the 30,000 CelebA-HQ images, PAPERS.md §1.6); the key then covers exactly those files, so
-a subset and the whole folder never share a cache.
+larger folder, e.g. 300 of the 30,000 CelebA-HQ images, docs/memorization.md#ddpm-on-nested-subsets); the key
+then covers exactly those files, so a subset and the whole folder never share a cache.
 """
 
 import hashlib
 import json
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from src.data.images import UnreadableImage, list_images, load_rgb
-from src.data.multilabel import collate_skip_none
-from src.data.retrieval import RetrievalImageDataset
+from src.data.images import UnreadableImage, folder_files, load_rgb
+from src.nn.embed import embed_images
 
 log = logging.getLogger(__name__)
 
@@ -47,44 +43,6 @@ class FolderFeatures:
     cache: str = "off"
 
 
-def folder_files(folder, files: list[str] | None = None) -> list[str]:
-    """Relative paths (posix str) of the images to read: `list_images(folder)` when `files` is None, else `files`
-    (in their order) after checking that each one exists under `folder`.
-
-    Raises FileNotFoundError naming the folder (and the extensions searched) when it is missing or holds no image,
-    or naming how many listed files are missing and the first few; ValueError for an empty list, an absolute or
-    `..` path, or a path listed twice.
-    """
-    folder = Path(folder)
-    if files is None:
-        return [f.relative_to(folder).as_posix() for f in list_images(folder)]
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"image folder '{folder}' does not exist (it should hold the {len(files)} listed files)"
-        )
-    files = [Path(f).as_posix() for f in files]
-    if not files:
-        raise ValueError(
-            f"the list of files to read from '{folder}' is empty; pass None to read the whole folder"
-        )
-    outside = [f for f in files if Path(f).is_absolute() or ".." in Path(f).parts]
-    if outside:
-        raise ValueError(
-            f"listed files must be paths relative to '{folder}'; {len(outside)} are not, e.g. {outside[:3]}"
-        )
-    repeated = sorted(f for f, count in Counter(files).items() if count > 1)
-    if repeated:
-        raise ValueError(
-            f"{len(repeated)} file(s) are listed more than once for '{folder}', e.g. {repeated[:3]}"
-        )
-    missing = [f for f in files if not (folder / f).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} of the {len(files)} listed files do not exist under '{folder}', e.g. {missing[:5]}"
-        )
-    return files
-
-
 @torch.no_grad()
 def extract_folder(
     extractor,
@@ -105,35 +63,23 @@ def extract_folder(
     """
     folder = Path(folder)
     relative = folder_files(folder, files)
-    loader = DataLoader(
-        RetrievalImageDataset(folder, relative, extractor.transform()),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_skip_none,
+    features, index, _ = embed_images(
+        extractor, folder, relative, batch_size, num_workers, device, desc or f"features {folder.name}"
     )
-    rows, chunks = [], []
-    for batch in tqdm(loader, desc=desc or f"features {folder.name}", unit="batch"):
-        if "image" in batch:
-            features = extractor(batch["image"].to(device)).float().cpu()
-            if features.ndim != 2:
-                raise ValueError(
-                    f"{extractor.name} gives features of shape {tuple(features.shape)}; the replication "
-                    "report needs global (B, D) descriptors (token features are not supported here)"
-                )
-            chunks.append(features)
-            rows.extend(batch["index"].tolist())
+    if features.ndim != 2:
+        raise ValueError(
+            f"{extractor.name} gives features of shape {tuple(features.shape)}; the replication "
+            "report needs global (B, D) descriptors (token features are not supported here)"
+        )
+    rows = index.tolist()
     skipped = [
         {"path": relative[i], "reason": _unreadable_reason(folder / relative[i])}
         for i in sorted(set(range(len(relative))) - set(rows))
     ]
     if skipped:
         log.warning(f"{len(skipped)} of {len(relative)} files under '{folder}' are unreadable and skipped")
-    if not chunks:
-        raise RuntimeError(
-            f"none of the {len(relative)} image files under '{folder}' is readable: {skipped[:3]}"
-        )
     paths = [relative[i] for i in rows]
-    return FolderFeatures(str(folder), paths, torch.cat(chunks), skipped)
+    return FolderFeatures(str(folder), paths, features, skipped)
 
 
 def _unreadable_reason(path: Path) -> str:
@@ -190,9 +136,8 @@ def cached_folder_features(
         log.warning(f"Feature cache {path} holds another key (hash prefix collision); re-extracting")
     result = extract_folder(extractor, folder, files=files, **extract_kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(
-        ".tmp"
-    )  # write then rename, so an interrupted run never leaves a half-written cache
+    # Write then rename, so an interrupted run never leaves a half-written cache.
+    tmp = path.with_suffix(".tmp")
     torch.save(
         {"key": key, "paths": result.paths, "features": result.features, "skipped": result.skipped}, tmp
     )

@@ -1,5 +1,6 @@
-"""The replication report folder: `report.json`, `matches.csv`, `histogram.png`, `gallery.png` (PAPERS.md §1.9),
-and with the complexity diagnostic (PAPERS.md §2.8) `complexity.csv` and `complexity.png`.
+"""The replication report folder: `report.json`, `matches.csv`, `histogram.png`, `gallery.png`
+(docs/replication.md#report-and-histogram), and with the complexity diagnostic
+(docs/replication.md#dcr-measurement) `complexity.csv` and `complexity.png`.
 
 The histogram and the gallery are the two figures of the DCR studies (somepago/DCR `diff_retrieval.py`): the
 distribution of each generation's top-1 similarity to the training set against the training set's own
@@ -13,38 +14,9 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from src.callbacks.retrieval import draw_retrieval_gallery  # noqa: E402
-
-BIN_WIDTH = 0.005
-
-
-def draw_histogram(top1, background, threshold: float):
-    """Histograms of top-1 sim(gen, train) and sim(train, train) on [0, 1], bin width 0.005, and the threshold.
-
-    Similarities below 0 (possible for pixel correlations) are counted in the first bin, and the legend says
-    how many, so no value is dropped from the figure.
-    """
-    bins = np.linspace(0.0, 1.0, round(1 / BIN_WIDTH) + 1)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for values, label, colour in (
-        (background, "sim(train, train)", "tab:gray"),
-        (top1, "top-1 sim(gen, train)", "tab:red"),
-    ):
-        values = torch.as_tensor(values).double().cpu().numpy()
-        below = int((values < 0).sum())
-        label = f"{label}, n={len(values)}" + (f" ({below} < 0 in the first bin)" if below else "")
-        ax.hist(np.clip(values, 0.0, 1.0), bins=bins, alpha=0.6, color=colour, label=label, density=True)
-    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold}")
-    ax.set_xlim(0, 1), ax.set_xlabel("similarity"), ax.set_ylabel("density"), ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+from src.plots import draw_complexity, draw_retrieval_gallery, draw_similarity_histogram, save_figure
 
 
 def write_matches(path, generated_paths, train_paths, scores, indices, prompts=None) -> list[dict]:
@@ -112,9 +84,11 @@ def write_report(
     files["report.json"].write_text(json.dumps(report, indent=2))
     rows = write_matches(files["matches.csv"], generated.paths, train.paths, scores, indices, prompts)
 
-    fig = draw_histogram(scores[:, 0], background, threshold)
-    fig.savefig(files["histogram.png"], dpi=120)
-    plt.close(fig)
+    series = [
+        (background, "sim(train, train)", "tab:gray"),
+        (scores[:, 0], "top-1 sim(gen, train)", "tab:red"),
+    ]
+    save_figure(draw_similarity_histogram(series, threshold), files["histogram.png"], dpi=120)
 
     shown = rows[:gallery_size]
     cols = min(scores.shape[1], 5)
@@ -125,27 +99,17 @@ def write_report(
         [[r[f"sim_{i + 1}"] > threshold for i in range(cols)] for r in shown],  # green: above the threshold
         titles=[f"{r['generated'][:24]} {r['sim_1']:.3f}" for r in shown],
     )
-    fig.savefig(files["gallery.png"], dpi=100)
-    plt.close(fig)
+    save_figure(fig, files["gallery.png"], dpi=100)
     return files
-
-
-COMPLEXITY_LABELS = {
-    "entropy": "grey-level entropy (nats)",
-    "jpeg_kb": "JPEG-90 size (KB)",
-    "tv": "total variation",
-}
 
 
 def write_complexity(output_dir, generated_paths, matched_paths, top1, complexity: dict, correlations: dict):
     """complexity.csv (per generation: its top-1 training match, the similarity and the match's complexity
-    measures of `src.metrics.complexity`, in the generations' order) and complexity.png (`draw_complexity`) in
+    measures of `src.metrics.complexity`, in the generations' order) and complexity.png (`src.plots.draw_complexity`) in
     `output_dir`. Returns the two paths."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    fig = draw_complexity(top1, complexity, correlations)
-    fig.savefig(output_dir / "complexity.png", dpi=100)
-    plt.close(fig)
+    save_figure(draw_complexity(top1, complexity, correlations), output_dir / "complexity.png", dpi=100)
     top1 = torch.as_tensor(top1).double().cpu().tolist()
     with open(output_dir / "complexity.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -160,19 +124,6 @@ def write_complexity(output_dir, generated_paths, matched_paths, top1, complexit
                 ]
             )
     return output_dir / "complexity.csv", output_dir / "complexity.png"
-
-
-def draw_complexity(top1, complexity: dict, correlations: dict):
-    """One scatter panel per complexity measure: the matched training image's complexity (x) against the
-    generation's top-1 similarity (y), titled with Pearson r and its p-value (DCR `simplicityscatter_*.png`)."""
-    top1 = torch.as_tensor(top1).double().cpu().numpy()
-    fig, axes = plt.subplots(1, len(complexity), figsize=(4 * len(complexity), 3.5), squeeze=False)
-    for ax, (name, values) in zip(axes[0], complexity.items(), strict=True):
-        ax.scatter(values, top1, s=8, alpha=0.6)
-        ax.set_xlabel(COMPLEXITY_LABELS.get(name, name)), ax.set_ylabel("top-1 sim(gen, train)")
-        ax.set_title(f"r={correlations[f'cc_{name}']:.3f}, p={correlations[f'pval_{name}']:.2g}", fontsize=9)
-    fig.tight_layout()
-    return fig
 
 
 def log_report_to_wandb(output_dir, stats: dict) -> bool:

@@ -1,22 +1,29 @@
 """Pieces shared by the study aggregates of experiments/ (DDPM memorization, caption mitigations): finding the runs
-of a multirun, reading their reports, tables, image grids and bootstrap confidence intervals."""
+of a multirun, reading their reports, tables and bootstrap confidence intervals (figures: `src.plots`)."""
 
+import argparse
 import csv
 import json
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+# Written by src.callbacks.diffusion.ReplicationAnalysis in every run folder.
+SUMMARY = "replication/summary.json"
 
-from src.data.images import load_rgb  # noqa: E402
 
-SUMMARY = (
-    "replication/summary.json"  # written by src.callbacks.diffusion.ReplicationAnalysis in every run folder
-)
+def parse_study_args(argv, description: str) -> argparse.Namespace:
+    """The command line of a study aggregate: `folders` (multirun or run folders) and `--out` (default: the first
+    folder)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("folders", type=Path, nargs="+", help="multirun or run folders")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first folder)")
+    args = parser.parse_args(argv)
+    args.out = args.out or args.folders[0]
+    return args
 
 
 def find_runs(folders, hint: str = "train with the ReplicationAnalysis callback") -> list[Path]:
@@ -66,32 +73,6 @@ def write_csv(rows: list[dict], path: Path, columns) -> None:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-
-
-def draw_image_rows(rows: list[list[tuple]], row_labels: list[str], thumb: int = 96):
-    """A grid of images: rows[r] = [(path, title, frame colour), ...]; an unreadable image leaves its cell empty.
-    Returns (figure, number of unreadable images)."""
-    cols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.45 * cols, 1.6 * len(rows)), squeeze=False)
-    unreadable = 0
-    for r, cells in enumerate(rows):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.set_xticks([]), ax.set_yticks([])
-            if c >= len(cells):
-                ax.axis("off")
-                continue
-            path, title, colour = cells[c]
-            try:
-                ax.imshow(load_rgb(path).resize((thumb, thumb)))
-            except Exception:  # noqa: BLE001 - a figure shows an empty cell rather than failing; counted
-                unreadable += 1
-            ax.set_title(title, fontsize=7)
-            for spine in ax.spines.values():
-                spine.set_edgecolor(colour), spine.set_linewidth(3)
-        axes[r][0].set_ylabel(row_labels[r], fontsize=8)
-    fig.tight_layout()
-    return fig, unreadable
 
 
 # ---- uncertainty ---------------------------------------------------------------------------------------------------
