@@ -119,6 +119,41 @@ def tiny_text2img_overrides(data_dir: Path, subset_size: int = 8) -> list[str]:
     ]
 
 
+def load_script(path: Path, name: str):
+    """Import a script that is not in a package (experiments/*/aggregate.py) as module `name`."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_unet(conditional: bool = False) -> dict:
+    """UNet2DModel / UNet2DConditionModel keyword arguments of a ~50k-parameter UNet at 16 px."""
+    attention = "CrossAttn" if conditional else "Attn"
+    return {
+        "block_out_channels": [16, 32],
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "down_block_types": ["DownBlock2D", f"{attention}DownBlock2D"],
+        "up_block_types": [f"{attention}UpBlock2D", "UpBlock2D"],
+        "attention_head_dim": 8,
+    }
+
+
+CAPTIONS = ["a red car on a road", "a car", "red automobile parked"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from src.mitigations import clip_tokenizer
+
+    return clip_tokenizer()
+
+
 TINY_SD = {"image_size": 16, "text_dim": 32, "max_length": 16, "scaling_factor": 0.18215}
 
 

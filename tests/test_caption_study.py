@@ -3,9 +3,7 @@ intervals, the ablation arms of conf/ablation/, experiments/caption_mitigations/
 tiny trained runs, and notebooks/caption_mitigations.ipynb on a tiny multirun."""
 
 import csv
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -14,22 +12,14 @@ from PIL import Image
 
 from src.replication import study as shared
 from src.train import train
-from tests.conftest import ROOT, compose_config, tiny_text2img_overrides
-from tests.test_notebooks import execute_notebook, outputs_of
+from tests.conftest import ROOT, compose_config, load_script, tiny_text2img_overrides
+from tests.test_notebooks import run_notebook
 
 AGGREGATE_PATH = ROOT / "experiments" / "caption_mitigations" / "aggregate.py"
 ARMS = sorted(p.stem for p in (ROOT / "conf" / "ablation").glob("*.yaml"))
 
 
-def load_aggregate():
-    spec = importlib.util.spec_from_file_location("caption_mitigations_aggregate", AGGREGATE_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-aggregate = load_aggregate()
+aggregate = load_script(AGGREGATE_PATH, "caption_mitigations_aggregate")
 
 
 # ---- intervals --------------------------------------------------------------------------------------------------------
@@ -312,15 +302,11 @@ def test_aggregate_of_tiny_trained_arms(study, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_notebook_shows_the_newest_caption_study(study, monkeypatch):
-    # the kernel inherits the environment: find the study under COPYSCOPE_ROOT
-    monkeypatch.setenv("STUDY_DIR", "")
-    monkeypatch.setenv("COPYSCOPE_ROOT", str(study["root"]))
-    notebook = execute_notebook(ROOT / "notebooks" / "caption_mitigations.ipynb")
-    outputs = outputs_of(notebook)
-    assert not [o for o in outputs if o.output_type == "error"]
-    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    # STUDY_DIR empty: the notebook finds the newest study under COPYSCOPE_ROOT
+    outputs, text, figures = run_notebook(
+        "caption_mitigations.ipynb", monkeypatch, STUDY_DIR="", COPYSCOPE_ROOT=study["root"]
+    )
     assert f"Study: {study['multirun'].resolve()}" in text and "could not be read" not in text
-    figures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(figures) == 2, f"got {len(figures)} figures"  # the statistics per arm, the gallery
     tables = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert sum("sim_95pc" in t for t in tables) == 3  # one table per group: conditioning, train, inference

@@ -17,14 +17,7 @@ from src.data.diffusion.captions import (
     load_captions,
     random_captions_for,
 )
-from src.mitigations import clip_tokenizer
-
-CAPTIONS = ["a red car on a road", "a car", "red automobile parked"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return clip_tokenizer()
+from tests.conftest import CAPTIONS
 
 
 def rng(seed: int = 0) -> np.random.Generator:

@@ -3,10 +3,8 @@ experiments/ddpm_memorization/aggregate.py on hand-made and tiny trained runs, i
 notebooks/ddpm_memorization.ipynb on a tiny multirun."""
 
 import csv
-import importlib.util
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -14,22 +12,14 @@ import yaml
 from PIL import Image
 
 from src.train import train
-from tests.conftest import ROOT, compose_config, tiny_diffusion_overrides
-from tests.test_notebooks import execute_notebook, outputs_of
+from tests.conftest import ROOT, compose_config, load_script, tiny_diffusion_overrides
+from tests.test_notebooks import run_notebook
 
 AGGREGATE_PATH = ROOT / "experiments" / "ddpm_memorization" / "aggregate.py"
 SUBSET_SIZES = (8, 4)  # job 0 trains on 8 faces, job 1 on 4: the study must sort them by size
 
 
-def load_aggregate():
-    spec = importlib.util.spec_from_file_location("ddpm_memorization_aggregate", AGGREGATE_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-aggregate = load_aggregate()
+aggregate = load_script(AGGREGATE_PATH, "ddpm_memorization_aggregate")
 
 
 def trend_row(size, train_95, train_thr, control_95=0.1, control_thr=0.0) -> dict:
@@ -259,17 +249,12 @@ def test_aggregate_writes_the_study_of_a_multirun(study, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_notebook_finds_and_shows_the_newest_ddpm_study(study, monkeypatch):
-    # the kernel inherits the environment: find the study under COPYSCOPE_ROOT
-    monkeypatch.setenv("STUDY_DIR", "")
-    monkeypatch.setenv("COPYSCOPE_ROOT", str(study["root"]))
-    notebook = execute_notebook(ROOT / "notebooks" / "ddpm_memorization.ipynb")
-
-    outputs = outputs_of(notebook)
-    assert not [o for o in outputs if o.output_type == "error"]
-    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    # STUDY_DIR empty: the notebook finds the newest study under COPYSCOPE_ROOT
+    outputs, text, figures = run_notebook(
+        "ddpm_memorization.ipynb", monkeypatch, STUDY_DIR="", COPYSCOPE_ROOT=study["root"]
+    )
     assert f"Study: {study['multirun'].resolve()}" in text
     assert "smallest subset (4 images)" in text and "could not be read" not in text
-    figures = [o for o in outputs if "image/png" in o.get("data", {})]
     # the side-by-side histograms, one nearest-match gallery per subset size, the sample grids
     assert len(figures) == 1 + len(SUBSET_SIZES) + 1, f"got {len(figures)} figures"
     tables = [o for o in outputs if "text/html" in o.get("data", {})]

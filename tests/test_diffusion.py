@@ -22,16 +22,10 @@ from src.nn.diffusion import (
     lr_schedule,
     training_target,
 )
+from tests.conftest import tiny_unet
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY_UNET = {
-    "block_out_channels": [16, 32],
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "attention_head_dim": 8,
-}
+TINY_UNET = tiny_unet()
 
 
 def training_configs(model: str, **optimizer) -> dict:

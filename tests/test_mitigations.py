@@ -19,7 +19,6 @@ from src.mitigations import (
     apply_inference_mitigation,
     apply_train_mitigation,
     caption_word_repetition,
-    clip_tokenizer,
     decode_tokens,
     first_caption,
     gaussian_noise_caption,
@@ -32,15 +31,9 @@ from src.mitigations import (
     random_token_caption,
     repeat_caption_words,
 )
+from tests.conftest import CAPTIONS
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "mitigation"
-
-CAPTIONS = ["a red car on a road", "a car", "red automobile parked"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return clip_tokenizer()
 
 
 def rng(seed: int = 0) -> np.random.Generator:

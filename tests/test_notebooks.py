@@ -47,6 +47,18 @@ def outputs_of(notebook: nbformat.NotebookNode) -> list[dict]:
     return [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
 
 
+def run_notebook(name: str, monkeypatch, **env) -> tuple[list[dict], str, list[dict]]:
+    """Execute notebooks/<name> with `env` set (the kernel inherits the environment); returns its outputs, the
+    text it printed and its figures, after checking that no cell raised."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    outputs = outputs_of(execute_notebook(ROOT / "notebooks" / name))
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    figures = [o for o in outputs if "image/png" in o.get("data", {})]
+    return outputs, text, figures
+
+
 def test_there_are_notebooks():
     assert ROOT / "notebooks" / "style_retrieval.ipynb" in NOTEBOOKS
 
@@ -75,15 +87,9 @@ def test_style_retrieval_notebook_runs_on_a_tiny_training_run(tiny_run, monkeypa
     run_dir = tiny_run("csd_quickstart").run_dir
     assert (run_dir / "embeddings" / "test.npz").is_file()
 
-    monkeypatch.setenv("RUN_DIR", str(run_dir))  # the kernel inherits the environment
-    notebook = execute_notebook(ROOT / "notebooks" / "style_retrieval.ipynb")
-
-    outputs = outputs_of(notebook)
-    assert not [o for o in outputs if o.output_type == "error"]
-    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    outputs, text, figures = run_notebook("style_retrieval.ipynb", monkeypatch, RUN_DIR=run_dir)
     assert f"Run:        {run_dir}" in text
     assert "compared metrics match metrics.json" in text
-    figures = [o for o in outputs if "image/png" in o.get("data", {})]
     # per-style precision bars, retrieval gallery, top-1 confusion matrix, 2-D PCA scatter
     assert len(figures) == 4, f"expected 4 figures, got {len(figures)}"
     tables = [o for o in outputs if "text/html" in o.get("data", {})]
@@ -144,15 +150,9 @@ def test_replication_analysis_notebook_runs_on_a_tiny_report(tmp_path, monkeypat
     # pixels (thumbnail correlations) see the exact and the darkened copies, not the mirrored image
     assert json.loads((report_dir / "report.json").read_text())["counts"]["above_threshold"] == 3
 
-    monkeypatch.setenv("REPORT_DIR", str(report_dir))  # the kernel inherits the environment
-    notebook = execute_notebook(ROOT / "notebooks" / "replication_analysis.ipynb")
-
-    outputs = outputs_of(notebook)
-    assert not [o for o in outputs if o.output_type == "error"]
-    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    outputs, text, figures = run_notebook("replication_analysis.ipynb", monkeypatch, REPORT_DIR=report_dir)
     assert f"Report:     {report_dir}" in text
     assert "statistics match report.json" in text
-    figures = [o for o in outputs if "image/png" in o.get("data", {})]
     # recomputed + saved histogram, saved gallery, top-N image grid, and complexity.png when the run wrote one
     expected = 3 + (report_dir / "complexity.png").is_file()
     assert len(figures) == expected, f"expected {expected} figures, got {len(figures)}"

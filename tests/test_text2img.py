@@ -9,15 +9,9 @@ import torch
 from src.generation import generate_to_folder, mitigated_prompts
 from src.models.text2img import Text2ImageModule, check_stable_diffusion_dir
 from src.nn.text_encoders import build_text_encoder
+from tests.conftest import tiny_unet
 
-TINY_COND_UNET = {
-    "block_out_channels": [16, 32],
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "attention_head_dim": 8,
-}
+TINY_COND_UNET = tiny_unet(conditional=True)
 TINY_TEXT = {"source": "open_clip", "context_length": 16, "width": 32, "layers": 1, "heads": 2}
 
 

@@ -27,6 +27,14 @@ def run_module(args: list[str], env: dict | None = None, timeout: int = 600) -> 
     )
 
 
+def train_cli(
+    *overrides: str, data_dir: Path, log_dir: Path, devices: int = 1
+) -> subprocess.CompletedProcess:
+    """`python -m src.train <overrides>` on the tiny benchmark, logging under log_dir."""
+    tiny = [*tiny_overrides(data_dir, devices=devices), f"paths.log_dir={log_dir}"]
+    return run_module(["-m", "src.train", *overrides, *tiny])
+
+
 def test_csd_vitl_has_the_paper_hyperparameters(tmp_path):
     cfg = compose_config("train.yaml", ["experiment=csd_vitl"], tmp_path)
     model = cfg.model
@@ -233,18 +241,8 @@ def test_wandb_logs_offline_without_credentials(data_dir, tmp_path, monkeypatch)
 
 @pytest.mark.slow
 def test_two_job_multirun_gets_two_run_directories(data_dir, tmp_path):
-    result = run_module(
-        [
-            "-m",
-            "src.train",
-            "-m",
-            "experiment=csd_quickstart",
-            "seed=0,1",
-            "eval_before_training=false",
-            *tiny_overrides(data_dir),
-            f"paths.log_dir={tmp_path}",
-        ]
-    )
+    overrides = ["-m", "experiment=csd_quickstart", "seed=0,1", "eval_before_training=false"]
+    result = train_cli(*overrides, data_dir=data_dir, log_dir=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = sorted((tmp_path / "train" / "multiruns").glob("*/*/metrics.json"))
     assert len(metrics) == 2 and metrics[0].parent != metrics[1].parent
@@ -258,18 +256,13 @@ def test_two_job_multirun_gets_two_run_directories(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_cpu_ddp_trains(data_dir, tmp_path):
-    result = run_module(
-        [
-            "-m",
-            "src.train",
-            "experiment=csd_quickstart",
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.sync_batchnorm=false",
-            *tiny_overrides(data_dir, devices=2),
-            f"paths.log_dir={tmp_path}",
-        ]
-    )
+    overrides = [
+        "experiment=csd_quickstart",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.sync_batchnorm=false",
+    ]
+    result = train_cli(*overrides, data_dir=data_dir, log_dir=tmp_path, devices=2)
     assert result.returncode == 0, result.stderr[-3000:]
     (metrics_file,) = (tmp_path / "train" / "runs").glob("*/metrics.json")
     metrics = json.loads(metrics_file.read_text())
