@@ -19,8 +19,9 @@ import src.utils  # noqa: F401  (registers the config resolvers)
 from src.data.style.retrieval import RetrievalSet
 from src.metrics import retrieval_metrics
 from src.nn.embed import embed_images
+from src.utils.checks import check_number
 from src.utils.embeddings import load_embeddings, save_embeddings
-from src.utils.run import print_config_tree, resolve_device, save_metrics
+from src.utils.run import claim_run_dir, instantiate, print_config_tree, resolve_device, save_metrics
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,11 @@ def table_row(name: str, metrics: dict, ks=(1, 10, 100)) -> str:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
+    for k in cfg.ks:
+        check_number("ks", k, low=1, integer=True)
+    check_number("batch_size", cfg.batch_size, low=1, integer=True)
+    check_number("pca_dims", cfg.get("pca_dims"), low=1, integer=True, allow_none=True)
+    claim_run_dir(output_dir)
     print_config_tree(cfg, save_to=output_dir / "config_resolved.yaml")
     name = cfg.get("name") or cfg.run_name
     if cfg.get("embeddings"):
@@ -64,7 +70,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     else:
         device = resolve_device(cfg.device)
         rset: RetrievalSet = hydra.utils.instantiate(cfg.benchmark)
-        extractor = hydra.utils.instantiate(cfg.extractor).to(device).eval()
+        extractor = instantiate(cfg.extractor).to(device).eval()
         args = (cfg.batch_size, cfg.num_workers, device)
         project = None
         if cfg.get("pca_dims"):

@@ -3,7 +3,10 @@ analysis (src/callbacks/diffusion.py) and any code that draws from a trained dif
 
 Image i is drawn from seed `seed + i` alone, so a run that stops (pre-emption, Ctrl-C) resumes by running the same
 command: the images already in the folder are kept and only the missing ones are generated. The folder's
-`manifest.json` records the checkpoint, seed, sampler and steps; a folder made with other settings is refused.
+`manifest.json` records the content of the weights (the checkpoint file's SHA-256, or the module's state digest when
+it was never saved), seed, sampler, steps, EMA, prompts and mitigation; a folder made with anything else is refused,
+so one folder never mixes two models, even when a checkpoint file was overwritten with later weights. A folder that
+holds images but no manifest is refused too (they would be taken for generations) unless `adopt=True`.
 """
 
 import json
@@ -18,13 +21,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from src.data.diffusion.image_folder import fingerprint
-from src.data.images import read_list
+from src.data.images import IMAGE_EXTENSIONS, read_list
 from src.mitigations import INFERENCE_MITIGATIONS, apply_inference_mitigation
 from src.nn.diffusion import SAMPLERS, check_choice
+from src.utils.checkpoints import TRAIN_DIFFUSION, expect_module, file_digest, load_checkpoint, state_digest
+from src.utils.checks import check_number
 
 log = logging.getLogger(__name__)
 
-MANIFEST_KEYS = ("checkpoint", "seed", "sampler", "steps", "use_ema", "inference_mitigation", "prompts")
+# What a folder's images depend on; "checkpoint" (the path) is recorded too, for the reader, but not compared.
+MANIFEST_KEYS = ("weights_sha256", "seed", "sampler", "steps", "use_ema", "inference_mitigation", "prompts")
 
 
 def image_name(index: int) -> str:
@@ -46,17 +52,52 @@ def mitigated_prompts(prompts: list[str], seed: int, mitigation: dict | None) ->
     ]
 
 
-def check_manifest(folder: Path, manifest: dict) -> None:
-    """ValueError when `folder` holds a manifest whose settings (MANIFEST_KEYS) differ from `manifest`."""
+def check_manifest(folder: Path, manifest: dict, adopt: bool = False) -> list[str]:
+    """ValueError when `folder` holds a manifest whose settings (MANIFEST_KEYS) differ from `manifest`, or images
+    but no manifest (unless `adopt`). Returns the names of the images adopted (none unless `adopt`)."""
     path = folder / "manifest.json"
     if not path.is_file():
-        return
+        images = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not images:
+            return []
+        if not adopt:
+            raise ValueError(
+                f"{folder} holds {len(images)} image(s) but no manifest.json ({_names(images)}), so nothing says "
+                "which model made them. Choose an empty or new output folder, or, if they are generations of "
+                "this very checkpoint with these settings, pass adopt=true to keep them."
+            )
+        return images
     old = json.loads(path.read_text())
     changed = {k: (old.get(k), manifest[k]) for k in MANIFEST_KEYS if old.get(k) != manifest[k]}
     if changed:
+        hint = ""
+        if "weights_sha256" in changed:
+            hint = (
+                f" The weights differ from those that made the folder's images (it was made from "
+                f"{old.get('checkpoint')!r}; a checkpoint file overwritten by later training has new weights)."
+            )
         raise ValueError(
-            f"{folder} holds generations made with other settings {changed} (folder's, requested); "
-            "choose another output folder or the same settings"
+            f"{folder} holds generations made with other settings {changed} (folder's, requested).{hint} "
+            "Choose another output folder, or the same weights and settings."
+        )
+    return []
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_adopted_sizes(folder: Path, names: list[str], image_size: int) -> None:
+    """ValueError naming the adopted images whose size is not the model's `image_size` square."""
+    wrong = []
+    for name in names:
+        with Image.open(folder / name) as image:
+            if image.size != (image_size, image_size):
+                wrong.append(f"{name} ({image.size[0]}x{image.size[1]})")
+    if wrong:
+        raise ValueError(
+            f"{folder}: {len(wrong)} image(s) to adopt are not {image_size}x{image_size} like this model's "
+            f"generations ({_names(wrong)}); they cannot be its generations. Choose another output folder."
         )
 
 
@@ -80,20 +121,32 @@ def generate_to_folder(
     progress: bool = True,
     prompts: list[str] | None = None,
     inference_mitigation: dict | None = None,
+    adopt: bool = False,
 ) -> Path:
     """Write `num_images` generations of `module` (any module with `generate(seeds, sampler, steps, use_ema)`, and
     `prompts=` for text-conditional ones) into `folder` as 000000.png ..., skipping those already there, and write
     `manifest.json`. Image i uses seed + i and, when given, prompts[i] after `inference_mitigation`
     ({name: none | gni | rt | cwr | rna, repeats, lam}); the exact prompts used are written to `prompts.json`
-    ({image name: prompt}). Returns the folder.
+    ({image name: prompt}). `checkpoint` is the file the module was loaded from: its SHA-256 keys the folder
+    (`file_digest`, remembered with its size and mtime); without one, the module's state digest does. Returns the
+    folder.
 
-    Raises ValueError when the folder holds a manifest with other settings (checkpoint, seed, sampler, steps, EMA,
-    prompts, mitigation).
+    Raises ValueError when the folder holds a manifest with other weights or settings (seed, sampler, steps, EMA,
+    prompts, mitigation), or images without a manifest unless `adopt` (then images of another size are refused),
+    or when num_images, batch_size or steps is below 1.
     """
+    check_number("num_images", num_images, low=1, integer=True)
+    check_number("batch_size", batch_size, low=1, integer=True)
+    check_number("steps", steps, low=1, integer=True, allow_none=True)
+    check_number("seed", seed, low=0, integer=True)
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"output folder '{folder}' is a file; give a folder for the generations")
     folder.mkdir(parents=True, exist_ok=True)
     sampler = check_choice("sampler", sampler or module.hparams.sampler, SAMPLERS)
     steps = steps or module.hparams.sample_steps
+    is_file = checkpoint is not None and Path(checkpoint).is_file()
+    weights = file_digest(checkpoint) if is_file else state_digest(module)
     mitigation = dict(inference_mitigation or {"name": "none"})
     used = None
     if prompts is not None:
@@ -104,6 +157,7 @@ def generate_to_folder(
         raise ValueError("an inference mitigation needs prompts (a text-conditional model)")
     manifest = {
         "checkpoint": checkpoint,
+        "weights_sha256": weights,
         "seed": seed,
         "sampler": sampler,
         "steps": steps,
@@ -112,7 +166,15 @@ def generate_to_folder(
         "inference_mitigation": mitigation,
         "prompts": None if used is None else fingerprint(used),
     }
-    check_manifest(folder, manifest)
+    adopted = check_manifest(folder, manifest, adopt=adopt)
+    if adopted:
+        check_adopted_sizes(folder, adopted, module.hparams.image_size)
+        log.warning(
+            "%s: adopting %d image(s) found without a manifest: %s", folder, len(adopted), _names(adopted)
+        )
+        manifest["adopted"] = adopted
+    elif (folder / "manifest.json").is_file():
+        manifest["adopted"] = json.loads((folder / "manifest.json").read_text()).get("adopted", [])
     todo = [i for i in range(num_images) if not (folder / image_name(i)).is_file()]
     manifest["num_images"] = num_images
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -147,11 +209,17 @@ def generate_to_folder(
     return folder
 
 
+DIFFUSION_MODULES = ("DDPMModule", "Text2ImageModule")
+
+
 def load_module(ckpt_path: str, device) -> torch.nn.Module:
-    """The LightningModule saved in `ckpt_path` (its class is recorded in the checkpoint as `module_class`), on
-    `device`, in eval mode. Loaded with `weights_only=True`."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    """The diffusion LightningModule saved in `ckpt_path` (its class is recorded in the checkpoint as
+    `module_class`), on `device`, in eval mode. Loaded with `weights_only=True`; a file that is not a diffusion
+    checkpoint gets a CheckpointError saying what it is and how to train one."""
+    checkpoint = load_checkpoint(ckpt_path, "checkpoint", make=TRAIN_DIFFUSION, mmap=True)
+    expect_module(checkpoint, ckpt_path, DIFFUSION_MODULES, make=TRAIN_DIFFUSION)
     module_class = hydra.utils.get_class(checkpoint.get("module_class", "src.models.ddpm.DDPMModule"))
+    del checkpoint
     module = module_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     return module.to(device).eval()
 

@@ -16,7 +16,7 @@ import src.utils  # noqa: F401  (registers the config resolvers)
 from src.data.images import read_list
 from src.replication.analysis import analyse_replication
 from src.replication.report import log_report_to_wandb
-from src.utils.run import print_config_tree, resolve_device, save_metrics
+from src.utils.run import claim_run_dir, instantiate, print_config_tree, resolve_device, save_metrics
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,10 @@ def _switched_on(node) -> dict | None:
 
 def replicate(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
+    claim_run_dir(output_dir)
     print_config_tree(cfg, save_to=output_dir / "config_resolved.yaml")
     device = resolve_device(cfg.device)
-    extractor = hydra.utils.instantiate(cfg.extractor).to(device).eval()
+    extractor = instantiate(cfg.extractor).to(device).eval()
     stats = analyse_replication(
         extractor,
         cfg.generated,

@@ -14,12 +14,18 @@ from omegaconf import DictConfig, OmegaConf
 import src.utils  # noqa: F401  (registers the config resolvers)
 from src.generation import default_folder, generate_to_folder, load_module, read_prompts
 from src.nn.diffusion import SAMPLERS, check_choice
-from src.utils.run import find_resume_checkpoint, print_config_tree, resolve_device
+from src.utils.checks import check_number
+from src.utils.run import claim_run_dir, find_resume_checkpoint, print_config_tree, resolve_device
 
 log = logging.getLogger(__name__)
 
 
 def sample(cfg: DictConfig) -> Path:
+    check_number("num_images", cfg.num_images, low=1, integer=True)
+    check_number("batch_size", cfg.batch_size, low=1, integer=True)
+    check_number("steps", cfg.steps, low=1, integer=True, allow_none=True)
+    check_number("seed", cfg.seed, low=0, integer=True)
+    claim_run_dir(cfg.paths.output_dir)
     print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_resolved.yaml")
     ckpt_path = find_resume_checkpoint(cfg.ckpt_path)
     if ckpt_path is None:
@@ -44,6 +50,7 @@ def sample(cfg: DictConfig) -> Path:
         checkpoint=str(Path(ckpt_path).resolve()),
         prompts=prompts,
         inference_mitigation=mitigation,
+        adopt=cfg.adopt,
     )
     log.info(f"{cfg.num_images} images in {folder}")
     return folder

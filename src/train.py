@@ -16,7 +16,10 @@ import rich.table
 from omegaconf import DictConfig, OmegaConf
 
 import src.utils  # noqa: F401  (registers the config resolvers)
+from src.utils.checkpoints import expect_module, load_checkpoint
+from src.utils.checks import check_number
 from src.utils.run import (
+    claim_run_dir,
     find_resume_checkpoint,
     instantiate_callbacks,
     instantiate_loggers,
@@ -38,9 +41,47 @@ def print_before_after(before: dict, after: dict) -> None:
     rich.print(table)
 
 
+# Numeric trainer options: (key, lowest value, integer only, None allowed); Lightning's own errors for these
+# come late (after data and model are built) or as a TypeError from a comparison.
+TRAINER_NUMBERS = (
+    ("max_steps", -1, True, False),
+    ("max_epochs", -1, True, True),
+    ("min_steps", 0, True, True),
+    ("min_epochs", 0, True, True),
+    ("accumulate_grad_batches", 1, True, False),
+    ("log_every_n_steps", 1, True, False),
+    ("check_val_every_n_epoch", 1, True, True),
+    ("num_sanity_val_steps", -1, True, True),
+    ("gradient_clip_val", 0, False, True),
+)
+
+
+def check_trainer_options(trainer_cfg: DictConfig) -> None:
+    """ValueError naming `trainer.<key>` for a numeric Trainer option out of range (or not a number)."""
+    for key, low, integer, allow_none in TRAINER_NUMBERS:
+        if key in trainer_cfg:
+            check_number(f"trainer.{key}", trainer_cfg[key], low=low, integer=integer, allow_none=allow_none)
+    for key in ("val_check_interval", "limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        if trainer_cfg.get(key) is not None:
+            check_number(f"trainer.{key}", trainer_cfg[key], low=0)
+
+
+def check_resume_checkpoint(ckpt_path: str, model_target: str) -> None:
+    """CheckpointError when `ckpt_path` is not a readable checkpoint of the module this run builds."""
+    expected = model_target.rsplit(".", 1)[-1]
+    make = "resume from a run of the same kind of model, or drop ckpt_path to start a new run"
+    checkpoint = load_checkpoint(ckpt_path, "ckpt_path", make=make, mmap=True)
+    expect_module(checkpoint, ckpt_path, (expected,), make=make)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job and return its metrics (before/... keys hold the untrained model's scores)."""
     output_dir = Path(cfg.paths.output_dir)
+    check_trainer_options(cfg.trainer)
+    ckpt_path = find_resume_checkpoint(cfg.get("ckpt_path"))
+    if ckpt_path is not None:
+        check_resume_checkpoint(ckpt_path, cfg.model._target_)
+    claim_run_dir(output_dir)
     print_config_tree(cfg, save_to=output_dir / "config_resolved.yaml")
     L.seed_everything(cfg.seed, workers=True)
 
@@ -52,7 +93,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    ckpt_path = find_resume_checkpoint(cfg.get("ckpt_path"))
     metrics: dict[str, float] = {}
     if cfg.get("eval_before_training") and ckpt_path is None:
         trainer.test(model, datamodule=datamodule, verbose=False)

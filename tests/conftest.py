@@ -21,6 +21,15 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def digest_table(tmp_path_factory) -> Path:
+    """The tests' own table of file digests (src/utils/checkpoints.py), never the user's ~/.cache/copyscope."""
+    folder = tmp_path_factory.mktemp("copyscope_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COPYSCOPE_CACHE_DIR", str(folder))
+        yield folder / "file_digests.json"
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """A data folder holding the tiny style benchmark (built once per test session)."""

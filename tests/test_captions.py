@@ -127,7 +127,7 @@ def test_load_captions_rejects_empty_and_malformed(tmp_path):
     with pytest.raises(ValueError, match="must hold a JSON object"):
         load_captions(write_json(tmp_path / "c.json", ["x"]), ["x.jpg"])
     (tmp_path / "broken.json").write_text("{not json")
-    with pytest.raises(ValueError, match="broken.json' is not valid JSON"):
+    with pytest.raises(ValueError, match="broken.json', line 1 column 2: not valid JSON"):
         load_captions(tmp_path / "broken.json", ["x.jpg"])
     with pytest.raises(FileNotFoundError, match="missing.json"):
         load_captions(tmp_path / "missing.json", ["x.jpg"])

@@ -140,7 +140,7 @@ def test_read_list_errors_name_the_file_and_the_line_or_entry(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         read_list(tmp_path / "missing.txt")
     (tmp_path / "bad.json").write_text('[\n  "x.png",\n  oops\n]')
-    with pytest.raises(ValueError, match="bad.json', line 3: not valid JSON"):
+    with pytest.raises(ValueError, match="bad.json', line 3 column 3: not valid JSON"):
         read_list(tmp_path / "bad.json")
     (tmp_path / "mixed.json").write_text(json.dumps(["x.png", 3]))
     with pytest.raises(ValueError, match="mixed.json', entry 1: 3 is not a non-empty string"):

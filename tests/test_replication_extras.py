@@ -33,6 +33,7 @@ from src.replication.analysis import analyse_replication
 from src.replication.clip_score import clip_score_of_files, embed_images_and_prompts, load_clip
 from src.replication.features import cache_key, cached_folder_features, extract_folder
 from src.replication.fid import build_fid_inception, fid_between_folders, fid_transform
+from src.utils.checkpoints import state_digest
 
 TRAIN = [f"t{i:02d}.png" for i in range(10)]
 COPIES = {"copy_t01.png": "t01.png", "copy_t04.png": "t04.png", "copy_t07.png": "t07.png"}
@@ -145,7 +146,7 @@ def test_analysis_rejects_bad_input_with_the_values(folders, tmp_path):
     extractor = PixelExtractor(8)
     # a cache written by another extractor version under the same name and key: dims disagree
     files = train[:4]
-    key = cache_key(root / "train", extractor.name, None, files)
+    key = cache_key(root / "train", extractor.name, None, files, weights=state_digest(extractor))
     cache = tmp_path / "cache"
     cache.mkdir()
     torch.save(

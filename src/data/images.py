@@ -25,6 +25,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
+from src.utils.files import read_json, read_text
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -92,9 +94,12 @@ def load_rgb(path) -> Image.Image:
 def list_images(folder) -> list[Path]:
     """All image files under `folder` (recursive), sorted, with a suffix in IMAGE_EXTENSIONS (any case).
 
-    Raises FileNotFoundError naming the folder and the extensions when the folder is missing or has no image.
+    Raises FileNotFoundError naming the folder and the extensions when the folder is missing or has no image,
+    NotADirectoryError when `folder` is a file.
     """
     folder = Path(folder)
+    if folder.is_file():
+        raise NotADirectoryError(f"'{folder}' is a file, not a folder; give the folder that holds the images")
     if not folder.is_dir():
         raise FileNotFoundError(
             f"image folder '{folder}' does not exist (looked for {', '.join(IMAGE_EXTENSIONS)})"
@@ -112,12 +117,14 @@ def folder_files(folder, files: list[str] | None = None) -> list[str]:
     `files` is None, else `files` in their order after checking that each one exists under `folder`.
 
     Raises FileNotFoundError naming the folder (and the extensions searched) when it is missing or holds no image,
-    or naming how many listed files are missing and the first few; ValueError for an empty list, an absolute or
-    `..` path, or a path listed twice.
+    or naming how many listed files are missing and the first few; NotADirectoryError when `folder` is a file;
+    ValueError for an empty list, an absolute or `..` path, or a path listed twice.
     """
     folder = Path(folder)
     if files is None:
         return [path.relative_to(folder).as_posix() for path in list_images(folder)]
+    if folder.is_file():
+        raise NotADirectoryError(f"'{folder}' is a file, not a folder; give the folder that holds the images")
     if not folder.is_dir():
         raise FileNotFoundError(
             f"image folder '{folder}' does not exist (it should hold the {len(files)} listed files)"
@@ -152,23 +159,18 @@ def read_list(path, key: str | None = None) -> list[str]:
       run's `subset_index.json`, written by `src.data.diffusion.image_folder`);
     - any other suffix (`.txt`): one entry a line, surrounding spaces stripped, blank lines skipped.
 
-    Raises FileNotFoundError for a missing file, ValueError naming the file and the line (text) or the entry
-    (JSON) that is wrong, or when the file holds no entry, KeyError when the JSON object lacks `key`.
+    Raises FileNotFoundError for a missing file, ValueError naming the file and the line (bytes that are not
+    UTF-8, bad JSON) or the entry (JSON) that is wrong, for a folder, or when the file holds no entry, KeyError
+    when the JSON object lacks `key`.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"list file '{path}' does not exist (expected a .txt or .json list)")
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() != ".json":
-        entries = [line.strip() for line in text.splitlines()]
+        entries = [line.strip() for line in read_text(path, "list file").splitlines()]
         entries = [entry for entry in entries if entry]
     else:
-        try:
-            content = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"list file '{path}', line {error.lineno}: not valid JSON ({error.msg})"
-            ) from None
+        content = read_json(path, "list file")
         if isinstance(content, dict):
             if key is None:
                 raise ValueError(f"list file '{path}' holds a JSON object; expected a JSON list of strings")

@@ -22,6 +22,7 @@ from src.losses import binary_label_mask, count_label_mask, dann_alpha, gather_w
 from src.metrics import retrieval_metrics, retrieval_topk
 from src.nn.backbones import build_backbone
 from src.nn.csd import CSDNet
+from src.utils.checkpoints import record_module_class
 from src.utils.guards import stop_on_nonfinite_loss
 
 LOSS_KEYS = (
@@ -286,6 +287,8 @@ class CSDModule(L.LightningModule):
             "top5": top.cpu(),  # (Q, 5) positions into database_index
             "metrics": metrics,
         }
+
+    on_save_checkpoint = record_module_class
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("hyper_parameters", {}).get("backbone")

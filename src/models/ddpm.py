@@ -15,6 +15,7 @@ from diffusers import UNet2DModel
 
 from src.models import diffusion as shared  # what the two diffusion modules share
 from src.nn.diffusion import build_noise_scheduler, denoising_loss
+from src.utils.checkpoints import record_module_class
 
 
 class DDPMModule(L.LightningModule):
@@ -54,7 +55,7 @@ class DDPMModule(L.LightningModule):
     training_step = shared.diffusion_training_step
     on_train_batch_end = shared.update_ema
     configure_optimizers = shared.configure_unet_optimizers
-    on_save_checkpoint = shared.record_module_class
+    on_save_checkpoint = record_module_class
 
     # ---- sampling ------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -54,11 +54,6 @@ def configure_unet_optimizers(module: L.LightningModule):
     )
 
 
-def record_module_class(module: L.LightningModule, checkpoint: dict) -> None:
-    """Store the module's import path in the checkpoint, read by `src.generation.load_module`."""
-    checkpoint["module_class"] = f"{type(module).__module__}.{type(module).__qualname__}"
-
-
 @torch.no_grad()
 def sample_images(
     module: L.LightningModule,

@@ -26,6 +26,7 @@ from src.mitigations import noise_guidance_embeddings, noise_text_embeddings
 from src.models import diffusion as shared  # what the two diffusion modules share
 from src.nn.diffusion import build_noise_scheduler, denoising_loss
 from src.nn.text_encoders import build_text_encoder
+from src.utils.checkpoints import record_module_class
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 FROZEN_PRETRAINED = ("vae.", "text_encoder.")  # state-dict prefixes of the frozen Stable Diffusion parts
@@ -142,7 +143,7 @@ class Text2ImageModule(L.LightningModule):
     configure_optimizers = shared.configure_unet_optimizers
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        shared.record_module_class(self, checkpoint)
+        record_module_class(self, checkpoint)
         # the frozen SD parts are rebuilt from the directory: keep them out of the checkpoint (~400M parameters)
         if self.hparams.pretrained:
             state = checkpoint["state_dict"]

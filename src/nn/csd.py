@@ -14,6 +14,7 @@ from torch import nn
 
 from src.losses import grad_reverse
 from src.nn.backbones import Backbone, build_backbone
+from src.utils.checkpoints import TRAIN_CSD, CheckpointError, checkpoint_kind, described, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class StyleEmbedder(nn.Module):
         return self.net.embed(images)
 
 
-def load_csd(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict]:
+def load_csd(path: str | Path) -> tuple[nn.Module, dict]:
     """Load a CSD descriptor for inference: returns (module images -> style embeddings, preprocessing info).
 
     Reads our Lightning checkpoints (the config that rebuilds the network is inside) and the official release's
@@ -112,10 +113,9 @@ def load_csd(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, di
     `weights_only=True`. The info dict has `image_size`, `mean`, `std`, `backbone`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"CSD checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if "hyper_parameters" in ckpt and "state_dict" in ckpt:
+    ckpt = load_checkpoint(path, "CSD checkpoint", make=TRAIN_CSD)
+    kind = checkpoint_kind(ckpt)
+    if kind == "CSDModule":
         hp = ckpt["hyper_parameters"]
         backbone_cfg = dict(
             hp["backbone"], pretrained=None
@@ -147,9 +147,9 @@ def load_csd(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, di
         if missing:
             raise ValueError(f"{path} is not an official CSD ViT-L/14 checkpoint: missing {missing[:5]}...")
     else:
-        raise ValueError(
-            f"{path}: not a CSD checkpoint (expected our Lightning .ckpt with 'hyper_parameters' and 'state_dict', "
-            f"or the official release with 'model_state_dict'); found keys {sorted(ckpt)[:8]}."
+        raise CheckpointError(
+            f"CSD checkpoint '{path}' is {described(kind)}; expected a checkpoint of CSDModule or the official CSD "
+            f"release's checkpoint.pth. To get one, {TRAIN_CSD}."
         )
     info = {
         "image_size": backbone.image_size,

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
+from src.utils.checkpoints import load_checkpoint
+
 SSCD_ARCHS = {"resnet50": ((3, 4, 6, 3), 1, 64, 512), "resnext101": ((3, 4, 23, 3), 32, 4, 1024)}
 
 
@@ -41,6 +43,12 @@ def build_sscd(arch: str = "resnet50", dim: int | None = None, gem_p: float = 3.
     return net
 
 
+SSCD_WEIGHTS = (
+    "download sscd_disc_mixup.torchscript.pt (or the .torchvision.pt state dict) from "
+    "facebookresearch/sscd-copy-detection and pass extractor.checkpoint=<that file>"
+)
+
+
 def is_torchscript(path: Path) -> bool:
     """TorchScript archives hold the model's code under `<archive>/code/`; torch.save archives do not."""
     if not zipfile.is_zipfile(path):
@@ -52,7 +60,7 @@ def is_torchscript(path: Path) -> bool:
 def read_sscd_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """A state dict for `build_sscd` from a torch.save file: a plain state dict or one under "state_dict" /
     "model", with a "module." / "backbone." / "model." prefix shared by all keys removed."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = load_checkpoint(checkpoint, "SSCD weights", make=SSCD_WEIGHTS)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

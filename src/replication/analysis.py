@@ -30,6 +30,9 @@ from src.replication.clip_score import clip_score_of_files, load_clip
 from src.replication.features import cached_folder_features, extract_folder
 from src.replication.fid import build_fid_inception, fid_between_folders
 from src.replication.report import write_complexity, write_report
+from src.utils.checkpoints import load_checkpoint
+from src.utils.checks import check_number, clip_count
+from src.utils.files import read_json, read_text
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +40,13 @@ FID_KEYS = ("weights", "feature", "batch_size")
 CLIP_KEYS = ("model", "pretrained", "tokenizer", "batch_size", "train_captions")
 
 
-def load_prompts(prompts, generated_paths: list[str]) -> list[str] | None:
+def load_prompts(prompts, generated_paths: list[str], folder=None) -> list[str] | None:
     """Prompts aligned with the readable generations `generated_paths`.
 
     prompts: None; a list (already aligned); a dict or a .json file {path relative to the generated folder: prompt}
     (every generation needs one); or a .txt file with one prompt per line for the readable generations in order.
+    With the generated `folder`, a key that names no file of it is an error (a key of an unreadable generation,
+    skipped, is fine).
     """
     if prompts is None or isinstance(prompts, list):
         if prompts is not None and len(prompts) != len(generated_paths):
@@ -56,14 +61,27 @@ def load_prompts(prompts, generated_paths: list[str]) -> list[str] | None:
         if not path.is_file():
             raise FileNotFoundError(f"prompts file '{path}' does not exist (expected a .json or .txt file)")
         if path.suffix != ".json":
-            lines = path.read_text().splitlines()
+            lines = read_text(path, "prompts file").splitlines()
             if len(lines) != len(generated_paths):
                 raise ValueError(
                     f"prompts file '{path}' has {len(lines)} lines for {len(generated_paths)} readable "
                     "generations; give one line per generation or a .json {relative path: prompt}"
                 )
             return lines
-        mapping = json.loads(path.read_text())
+        mapping = read_json(path, "prompts file")
+        if not isinstance(mapping, dict):
+            raise ValueError(
+                f"prompts file '{path}' must hold a JSON object {{path relative to the generated folder: prompt}}, "
+                f"not {type(mapping).__name__}"
+            )
+    if folder is not None:
+        readable = set(generated_paths)
+        unknown = [key for key in mapping if key not in readable and not (Path(folder) / key).is_file()]
+        if unknown:
+            raise ValueError(
+                f"prompts file '{source}' names {len(unknown)} generation(s) that are not files of the generated "
+                f"folder '{folder}', e.g. {unknown[:3]}; keys must be paths relative to that folder"
+            )
     missing = [p for p in generated_paths if p not in mapping]
     if missing:
         raise ValueError(
@@ -86,11 +104,23 @@ def load_sampling_weights(source, train_listing: list[str]) -> dict[str, float]:
         if not path.is_file():
             raise FileNotFoundError(f"sampling weights file '{path}' does not exist (.json, .npy or .pt)")
         if path.suffix == ".json":
-            source = json.loads(path.read_text())
+            source = read_json(path, "sampling weights file")
         elif path.suffix == ".npy":
-            source = np.load(path)
+            with open(path, "rb") as file:
+                if file.read(6) != b"\x93NUMPY":
+                    raise ValueError(
+                        f"sampling weights file '{path}' is not a numpy array file (no .npy header); it must be "
+                        "a .npy written by numpy.save, one weight per training file"
+                    )
+            try:
+                source = np.load(path, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as error:
+                raise ValueError(
+                    f"sampling weights file '{path}' cannot be read as a numpy array ({type(error).__name__}: "
+                    f"{error}); it must be a .npy of numbers written by numpy.save, one weight per training file"
+                ) from None
         elif path.suffix == ".pt":
-            source = torch.load(path, map_location="cpu", weights_only=True)
+            source = load_checkpoint(path, "sampling weights file")
         else:
             raise ValueError(f"sampling weights file '{path}': unknown suffix; use .json, .npy or .pt")
     if isinstance(source, dict):
@@ -254,6 +284,15 @@ def analyse_replication(
         also in `output_dir/report.json` beside report.json's counts, skipped files and settings, matches.csv,
         histogram.png, gallery.png.
     """
+    check_number("threshold", threshold, low=-1, high=1)  # a cosine similarity
+    check_number("k", k, low=1, integer=True)
+    check_number("gallery_size", gallery_size, low=0, integer=True)
+    check_number("batch_size", batch_size, low=1, integer=True)
+    check_number("num_workers", num_workers, low=0, integer=True)
+    for folder, files in ((generated_dir, generated_files), (train_dir, train_files)):
+        folder_files(
+            folder, files
+        )  # a missing or empty folder, or a file given as one, fails before any work
     output_dir, device = Path(output_dir), torch.device(device)
     fid = _options(fid, FID_KEYS, "fid") if fid is not None else None
     clip_score = _options(clip_score, CLIP_KEYS, "clip_score") if clip_score is not None else None
@@ -290,12 +329,13 @@ def analyse_replication(
     generated = extract_folder(
         extractor, generated_dir, files=generated_files, desc="generated features", **loader_args
     )
-    prompts = load_prompts(prompts, generated.paths)
+    prompts = load_prompts(prompts, generated.paths, generated_dir)
     if generated.features.shape[1] != train.features.shape[1]:
         raise ValueError(
             f"generated features {tuple(generated.features.shape)} and train features "
             f"{tuple(train.features.shape)} differ in dimension: the cache and the extractor disagree"
         )
+    k = clip_count("k", k, len(train.paths), "training images")
     scores, indices = match_generations(generated.features, train.features, k, device)
     background, _ = train_background(train.features, device=device)
     top1, matched = scores[:, 0], [train.paths[i] for i in indices[:, 0].tolist()]

@@ -2,9 +2,11 @@
 
 The DCR code re-extracts the whole training set for every analysis (somepago/DCR `diff_retrieval.py`). Here the
 training-set features are cached under `cache_dir`, keyed by a hash of the images read (relative paths, sizes and
-modification times), the extractor's `name` and its config: a second analysis against the same folder extracts
-nothing, while another extractor or another version of the folder (a file added, removed, rewritten or touched) gets
-a new key and is never served a stale cache. `files=` restricts a folder to listed images (a training subset of a
+modification times), the extractor's `name` and config, and the content of its weights (`state_digest`: every
+parameter and buffer, wherever they were loaded from): a second analysis against the same folder extracts nothing,
+while another extractor, other weights behind the same checkpoint path (a run's `last.ckpt` during and after
+training) or another version of the folder (a file added, removed, rewritten or touched) gets a new key and is
+never served a stale cache. `files=` restricts a folder to listed images (a training subset of a
 larger folder, e.g. 300 of the 30,000 CelebA-HQ images, docs/memorization.md#ddpm-on-nested-subsets); the key
 then covers exactly those files, so a subset and the whole folder never share a cache.
 """
@@ -19,11 +21,12 @@ import torch
 
 from src.data.images import UnreadableImage, folder_files, load_rgb
 from src.nn.embed import embed_images
+from src.utils.checkpoints import CheckpointError, load_checkpoint, state_digest
 
 log = logging.getLogger(__name__)
 
 # Bump when the cached file layout or the extraction changes, so old caches are not read.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -92,17 +95,22 @@ def _unreadable_reason(path: Path) -> str:
 
 
 def cache_key(
-    folder, extractor_name: str, extractor_config: dict | None = None, files: list[str] | None = None
+    folder,
+    extractor_name: str,
+    extractor_config: dict | None = None,
+    files: list[str] | None = None,
+    weights: str = "",
 ) -> str:
     """sha256 of (relative path, size, mtime in ns) of each image read (`folder_files(folder, files)`: the sorted
-    folder listing, or the listed files in their order) + extractor name + config."""
+    folder listing, or the listed files in their order) + extractor name + config + `weights` (the extractor's
+    `state_digest`)."""
     folder = Path(folder)
     content = []
     for relative in folder_files(folder, files):
         stat = (folder / relative).stat()
         content.append((relative, stat.st_size, stat.st_mtime_ns))
     blob = json.dumps(
-        [CACHE_VERSION, extractor_name, extractor_config or {}, content], sort_keys=True, default=str
+        [CACHE_VERSION, extractor_name, extractor_config or {}, weights, content], sort_keys=True, default=str
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -122,10 +130,14 @@ def cached_folder_features(
     """
     if cache_dir is None:
         return extract_folder(extractor, folder, files=files, **extract_kwargs)
-    key = cache_key(folder, extractor.name, extractor_config, files)
+    key = cache_key(folder, extractor.name, extractor_config, files, weights=state_digest(extractor))
     path = Path(cache_dir) / f"{extractor.name}_{key[:24]}.pt"
     if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            saved = load_checkpoint(path, "feature cache file")
+        except CheckpointError as error:
+            log.warning(f"{error} Re-extracting and writing it again.")
+            saved = {}
         if saved.get("key") == key:
             log.info(
                 f"Feature cache hit: {path} ({len(saved['paths'])} images of '{folder}', nothing extracted)"
@@ -133,7 +145,8 @@ def cached_folder_features(
             return FolderFeatures(
                 str(folder), saved["paths"], saved["features"], saved["skipped"], cache="hit"
             )
-        log.warning(f"Feature cache {path} holds another key (hash prefix collision); re-extracting")
+        elif saved:
+            log.warning(f"Feature cache {path} holds another key (hash prefix collision); re-extracting")
     result = extract_folder(extractor, folder, files=files, **extract_kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename, so an interrupted run never leaves a half-written cache.

@@ -4,10 +4,23 @@ Keys: `query`, `database` (float16/float32 (Q, D), (N, D)), `query_labels`, `dat
 `label_names`, `query_paths`, `database_paths` (str arrays), `root` (str), `descriptor` (str).
 """
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+KEYS = (
+    "query",
+    "database",
+    "query_labels",
+    "database_labels",
+    "label_names",
+    "query_paths",
+    "database_paths",
+    "root",
+    "descriptor",
+)
 
 
 def save_embeddings(
@@ -46,16 +59,37 @@ def save_embeddings(
     return path
 
 
+def _not_embeddings(path: Path, found: str) -> ValueError:
+    """The error for a file that is not an embeddings file, saying what was found and what writes one."""
+    return ValueError(
+        f"embeddings file '{path}' is not an .npz written by save_embeddings ({found}); write one with "
+        "`python -m src.evaluate save_embeddings=true` (or use a training run's <run>/embeddings/test.npz)"
+    )
+
+
 def load_embeddings(path: str | Path) -> dict:
-    """Read a file written by `save_embeddings`; embeddings come back as float32 torch tensors, labels as bool."""
+    """Read a file written by `save_embeddings`; embeddings come back as float32 torch tensors, labels as bool.
+
+    Raises FileNotFoundError for a missing file and ValueError naming the file, what it holds instead and the
+    command that writes one for a file that is not such an .npz (a text file, a pickle, another archive).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"No embeddings file at {path} (written by `python -m src.evaluate save_embeddings=true` "
             "or by a training run's test stage as <run>/embeddings/test.npz)."
         )
-    with np.load(path, allow_pickle=False) as data:
-        out = {k: data[k] for k in data.files}
+    with open(path, "rb") as file:
+        if not file.read(4).startswith(b"PK"):
+            raise _not_embeddings(path, "not a numpy .npz archive")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            out = {k: data[k] for k in data.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise _not_embeddings(path, f"not a readable .npz archive: {type(error).__name__}: {error}") from None
+    missing = [key for key in KEYS if key not in out]
+    if missing:
+        raise _not_embeddings(path, f"missing keys {missing}")
     for key in ("query", "database"):
         out[key] = torch.from_numpy(out[key].astype(np.float32))
     for key in ("query_labels", "database_labels"):

@@ -11,6 +11,8 @@ import hydra
 import rich.syntax
 import rich.tree
 import torch
+from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
@@ -106,6 +108,79 @@ def find_resume_checkpoint(ckpt_path: str | None) -> str | None:
             "checkpoints/last.ckpt (e.g. ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt)."
         )
     return str(path)
+
+
+# What every run leaves in its folder: the config that the entry point saves first, and the checkpoints.
+RUN_MARKERS = ("config_resolved.yaml", "checkpoints")
+
+
+def found_run(folder, markers=RUN_MARKERS) -> str | None:
+    """The first of `markers` present in `folder`, or None when the folder holds no run."""
+    folder = Path(folder)
+    return next((name for name in markers if (folder / name).exists()), None)
+
+
+def refusal(folder, marker: str) -> str:
+    return (
+        f"run folder '{folder}' already holds a run (it has {marker}); a run never writes into another run's "
+        f"folder, which would mix their metrics, configs and checkpoints. To continue that run, resume it with "
+        f"ckpt_path={folder} (the resumed run gets a folder of its own); for a new run, leave hydra.run.dir "
+        "unset (each run gets a new timestamped folder) or give a folder that does not exist yet."
+    )
+
+
+def launched_as_another_rank() -> bool:
+    """True in the processes a distributed launch adds (Lightning's DDP children, SLURM tasks): they join the run
+    folder that rank 0 claimed."""
+    return any(int(os.environ.get(name, "0") or 0) > 0 for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def claim_run_dir(output_dir) -> None:
+    """FileExistsError when `output_dir` already holds a run (RUN_MARKERS); called by every entry point before
+    it writes anything, so a call from Python is refused like one from the command line. Processes of another
+    rank than 0 join the folder that rank 0 claimed."""
+    if launched_as_another_rank():
+        return
+    marker = found_run(output_dir)
+    if marker:
+        raise FileExistsError(refusal(output_dir, marker))
+
+
+class RefuseExistingRunDir(HydraCallback):
+    """Hydra callback (conf/hydra/default.yaml): refuses a `hydra.run.dir` or `hydra.sweep.dir` that already
+    holds a run before Hydra writes its own files (.hydra/, the log) into it. Hydra turns exceptions raised by
+    callbacks into warnings, so the refusal exits (SystemExit, status 1) with the message."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if launched_as_another_rank():
+            return
+        folder = Path(config.hydra.run.dir)
+        marker = found_run(folder, (".hydra", *RUN_MARKERS))
+        if marker:
+            raise SystemExit(f"Error: {refusal(folder, marker)}")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        folder = Path(config.hydra.sweep.dir)
+        if not folder.is_dir():
+            return
+        for job in sorted(p for p in folder.iterdir() if p.is_dir()):
+            marker = found_run(job, (".hydra", *RUN_MARKERS))
+            if marker:
+                raise SystemExit(
+                    f"Error: sweep folder '{folder}' already holds runs ({job.name}/{marker}); a sweep never writes "
+                    "into another sweep's folder. Leave hydra.sweep.dir unset or give a new folder."
+                )
+
+
+def instantiate(node, **kwargs):
+    """`hydra.utils.instantiate`, raising the constructor's own error (which names the file or key at fault)
+    instead of Hydra's wrapper around it."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, (ValueError, OSError)):
+            raise error.__cause__ from None
+        raise
 
 
 def resolve_device(name: str) -> torch.device:

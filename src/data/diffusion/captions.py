@@ -7,7 +7,6 @@ Pure functions, free of Lightning and Hydra; random choices take a `numpy.random
 """
 
 import hashlib
-import json
 import logging
 from pathlib import Path, PurePosixPath
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from src.mitigations import caption_zero, random_token_caption
+from src.utils.files import read_json
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +142,12 @@ def load_captions(path, image_paths, allow_missing: bool = False) -> dict[str, l
 
     Images without captions and captions naming images not in `image_paths` are an error, reported with
     counts and the first names; with `allow_missing` they are logged as a warning and dropped (the returned
-    mapping holds only the images that have captions). An empty caption or caption list is always an error.
+    mapping holds only the images that have captions; the config key is `data.allow_missing_captions`). An empty
+    caption or caption list is always an error, and so is a file that is missing, not UTF-8 or not valid JSON
+    (naming the line).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"captions file '{path}' does not exist")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"captions file '{path}' is not valid JSON: {error}") from error
+    raw = read_json(path, "captions file")
     if not isinstance(raw, dict):
         raise ValueError(
             f"captions file '{path}' must hold a JSON object {{relative_path: [caption, ...]}}, "
@@ -185,6 +182,9 @@ def load_captions(path, image_paths, allow_missing: bool = False) -> dict[str, l
     if problems:
         message = f"captions file '{path}': " + "; ".join(problems)
         if not allow_missing:
-            raise ValueError(message + "; fix the file or pass allow_missing=True to drop them")
+            raise ValueError(
+                message + "; fix the file, or drop them with data.allow_missing_captions=true "
+                "(allow_missing=True when calling load_captions)"
+            )
         log.warning("%s; dropping them", message)
     return {image: captions[image] for image in wanted if image in captions}

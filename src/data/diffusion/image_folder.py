@@ -19,22 +19,21 @@ from pathlib import Path
 import lightning as L
 import torch
 import torchvision.transforms as T
-from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler
+from tqdm import tqdm
 
-from src.data.images import ImageListDataset, collate_skip_none, folder_files
+from src.data.images import ImageListDataset, UnreadableImage, collate_skip_none, folder_files, load_rgb
 
 log = logging.getLogger(__name__)
 
 
 def _unusable_reason(path: Path) -> str | None:
-    """None when Pillow can identify and verify the file (header and, for PNG, the chunk checksums), else why not.
-    `verify` does not decode pixels, so indexing 30,000 images takes seconds; a file that still fails to decode at
-    training time is skipped there and counted in the batch."""
+    """None when the file decodes fully to RGB (`load_rgb`, exactly as training reads it), else why not."""
     try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as error:  # noqa: BLE001 - any failure makes the file unusable; the reason is reported
+        load_rgb(path)
+    except UnreadableImage as error:
+        return error.reason
+    except Exception as error:  # noqa: BLE001 - a decoder failure outside load_rgb's list skips the file too
         return f"{type(error).__name__}: {error}"
     return None
 
@@ -48,9 +47,11 @@ def select_subsets(
     "control": [relative paths], "skipped": [{"path", "reason"}]}. The candidates are `files` (paths relative to
     `root`) or else every image of the folder, sorted; they are taken in the order of a permutation seeded with
     `seed`: the training subset is the first `subset_size` usable files of that order, the control set the last
-    `control_size` ones. Unusable files met on the way are skipped and listed. `subset_size=None` trains on every
-    usable file outside the control set. The control set holds fewer files (with a warning) when the subset
-    leaves fewer. Raises ValueError naming the numbers when there are fewer (usable) files than subset_size.
+    `control_size` ones. A file is usable when it decodes fully (`load_rgb`, as training reads it, under a
+    progress bar), so the selection holds only images training really uses; unusable files met on the way are
+    skipped and listed. `subset_size=None` trains on every usable file outside the control set. The control set
+    holds fewer files (with a warning) when the subset leaves fewer. Raises ValueError naming the numbers when
+    there are fewer (usable) files than subset_size.
     """
     root = Path(root)
     files = folder_files(root) if files is None else list(files)
@@ -63,11 +64,16 @@ def select_subsets(
         )
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
     skipped, train, control = [], [], []
+    to_check = len(files) if subset_size is None else min(len(files), subset_size + control_size)
+    progress = tqdm(total=to_check, desc="checking images", unit="image", leave=False, disable=to_check < 200)
 
     def take(position: int, chosen: list) -> None:
         path = files[order[position]]
         reason = _unusable_reason(root / path)
         (skipped.append({"path": path, "reason": reason}) if reason else chosen.append(path))
+        if reason:  # one more file to check in place of the skipped one
+            progress.total = min(len(files), progress.total + 1)
+        progress.update()
 
     front, back = 0, len(order) - 1
     if subset_size is None:  # the control set first, then every usable file before it
@@ -84,6 +90,7 @@ def select_subsets(
         while len(control) < control_size and front <= back:
             take(back, control)
             back -= 1
+    progress.close()
     if len(train) < (subset_size or 1):
         raise ValueError(
             f"the folder '{root}' has {len(files)} images but {len(skipped)} are unreadable (e.g. {skipped[:3]}), "
