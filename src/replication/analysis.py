@@ -289,10 +289,6 @@ def analyse_replication(
     check_number("gallery_size", gallery_size, low=0, integer=True)
     check_number("batch_size", batch_size, low=1, integer=True)
     check_number("num_workers", num_workers, low=0, integer=True)
-    for folder, files in ((generated_dir, generated_files), (train_dir, train_files)):
-        folder_files(
-            folder, files
-        )  # a missing or empty folder, or a file given as one, fails before any work
     output_dir, device = Path(output_dir), torch.device(device)
     fid = _options(fid, FID_KEYS, "fid") if fid is not None else None
     clip_score = _options(clip_score, CLIP_KEYS, "clip_score") if clip_score is not None else None
@@ -316,6 +312,10 @@ def analyse_replication(
     if clip_score is not None:
         clip = _prepare_clip(clip_score, device)
 
+    for folder, files in ((generated_dir, generated_files), (train_dir, train_files)):
+        folder_files(
+            folder, files
+        )  # a missing or empty folder, or a file given as one, fails before extraction
     loader_args = {"batch_size": batch_size, "num_workers": num_workers, "device": device}
     train = cached_folder_features(
         extractor,
