@@ -237,6 +237,25 @@ def default_folder(ckpt_path: str, sampler: str, steps: int, seed: int, mitigati
     return run_dir_of(ckpt_path) / "samples" / f"{Path(ckpt_path).stem}_{sampler}{steps}_seed{seed}{suffix}"
 
 
+def run_datamodule(ckpt_path: str, needed_by: str, otherwise: str):
+    """The training run's datamodule, rebuilt from its `config_resolved.yaml` and set up: its training and
+    held-out files, captions and transform, as the run saw them. FileNotFoundError says that `needed_by` reads
+    the file and what to do `otherwise`."""
+    config_file = run_dir_of(ckpt_path) / "config_resolved.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{needed_by} reads the training run's {config_file}, which is missing (the checkpoint is not inside "
+            f"a run folder of `python -m src.train`); {otherwise}"
+        )
+    data = OmegaConf.load(config_file).data
+    for key in ("index_file", "weights_file"):  # read the run, never write into it
+        if key in data:
+            data[key] = None
+    datamodule = hydra.utils.instantiate(data)
+    datamodule.setup("predict")
+    return datamodule
+
+
 def read_prompts(source, ckpt_path: str, num_images: int, seed: int) -> list[str] | None:
     """Generation prompts: None; "training" (the training run's prompts as DCR draws them,
     docs/memorization.md#generation-protocol: its data config rebuilt from the run's config_resolved.yaml,
@@ -245,14 +264,7 @@ def read_prompts(source, ckpt_path: str, num_images: int, seed: int) -> list[str
     if source in (None, ""):
         return None
     if source == "training":
-        config_file = run_dir_of(ckpt_path) / "config_resolved.yaml"
-        if not config_file.is_file():
-            raise FileNotFoundError(
-                f"prompts=training reads the training run's {config_file}, which is missing; "
-                "pass prompts=<file.txt or .json> instead"
-            )
-        datamodule = hydra.utils.instantiate(OmegaConf.load(config_file).data)
-        datamodule.setup("predict")
+        datamodule = run_datamodule(ckpt_path, "prompts=training", "pass prompts=<file.txt or .json> instead")
         return datamodule.train_prompts(num_images, seed=seed)[0]
     path = Path(source)
     if not path.is_file():

@@ -408,6 +408,15 @@ def test_a_malicious_pickle_is_refused_everywhere_a_weight_file_is_read(
     assert ran == [] and pickle.loads(pickle.dumps(1)) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["csd_quickstart", "ddpm_quickstart", "t2i_quickstart"])
+def test_every_kind_of_training_checkpoint_loads_weights_only(tiny_run, experiment):
+    """What a run saves (its hyperparameters and the datamodule's included) holds tensors and plain containers
+    only, so resuming, sampling and attacking it never meet the weights-only refusal."""
+    checkpoint = load_checkpoint(tiny_run(experiment).run_dir / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 2
+
+
 # ---- faults that must keep holding -----------------------------------------------------------------------------
 
 

@@ -8,8 +8,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Highest first: entry points, then the harness, then the library, then run plumbing.
 LEVELS = [
-    {"train", "evaluate", "sample", "replicate"},
-    {"callbacks", "models", "replication", "generation"},
+    {"train", "evaluate", "sample", "replicate", "attack"},
+    {"callbacks", "models", "replication", "generation", "attacks"},
     {"metrics", "nn", "losses", "data", "mitigations", "plots"},
     {"utils"},
 ]

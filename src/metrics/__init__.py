@@ -1,7 +1,15 @@
 """Metrics as pure functions on tensors, importing nothing else from `src`: the exact top-k search, retrieval
-metrics for style and copy retrieval, replication statistics, the Fréchet distance and the CLIP score from
-features."""
+metrics for style and copy retrieval, replication statistics, the Fréchet distance, the CLIP score from
+features, extraction distances (tiled l2, cliques, the adaptive score) and membership ROC summaries."""
 
+from src.metrics.extraction import (
+    adaptive_extraction_score,
+    clique_summary,
+    max_clique,
+    nearest_training,
+    tiled_l2,
+)
+from src.metrics.membership import roc_curve, roc_summary
 from src.metrics.replication import replication_stats
 from src.metrics.retrieval import (
     count_relevant,
@@ -14,12 +22,19 @@ from src.metrics.retrieval import (
 from src.metrics.search import search_topk
 
 __all__ = [
+    "adaptive_extraction_score",
+    "clique_summary",
     "count_relevant",
     "hit_matrix",
+    "max_clique",
     "metrics_from_hits",
+    "nearest_training",
     "per_label_precision",
     "replication_stats",
     "retrieval_metrics",
     "retrieval_topk",
+    "roc_curve",
+    "roc_summary",
     "search_topk",
+    "tiled_l2",
 ]

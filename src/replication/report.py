@@ -126,9 +126,11 @@ def write_complexity(output_dir, generated_paths, matched_paths, top1, complexit
     return output_dir / "complexity.csv", output_dir / "complexity.png"
 
 
-def log_report_to_wandb(output_dir, stats: dict) -> bool:
-    """Log the stats, every figure (*.png) of the report folder and matches.csv as a table to the active W&B run,
-    under `replication/`; False when no run is active."""
+def log_report_to_wandb(
+    output_dir, stats: dict, prefix: str = "replication", table: str = "matches.csv"
+) -> bool:
+    """Log the stats, every figure (*.png) of the report folder and the CSV `table` (when there) to the active W&B
+    run, under `prefix/`; False when no run is active."""
     try:
         import wandb
     except ImportError:
@@ -136,13 +138,13 @@ def log_report_to_wandb(output_dir, stats: dict) -> bool:
     if wandb.run is None:
         return False
     output_dir = Path(output_dir)
-    with open(output_dir / "matches.csv") as f:
-        rows = list(csv.reader(f))
-    wandb.log(
-        {
-            **{f"replication/{k}": v for k, v in stats.items()},
-            **{f"replication/{png.stem}": wandb.Image(str(png)) for png in sorted(output_dir.glob("*.png"))},
-            "replication/matches": wandb.Table(columns=rows[0], data=rows[1:]),
-        }
-    )
+    logged = {
+        **{f"{prefix}/{k}": v for k, v in stats.items()},
+        **{f"{prefix}/{png.stem}": wandb.Image(str(png)) for png in sorted(output_dir.glob("*.png"))},
+    }
+    if (output_dir / table).is_file():
+        with open(output_dir / table) as f:
+            rows = list(csv.reader(f))
+        logged[f"{prefix}/{Path(table).stem}"] = wandb.Table(columns=rows[0], data=rows[1:])
+    wandb.log(logged)
     return True

@@ -427,6 +427,27 @@ class CaptionedDataModule(L.LightningDataModule):
             persistent_workers=hp.num_workers > 0,
         )
 
+    def image_transform(self) -> T.Compose:
+        """The training transform without its random flip: the images as the model saw them, in [-1, 1]."""
+        return caption_transform(self.hparams.image_size, center_crop=True, random_flip=False)
+
+    def image_prompts(self) -> dict[str, str]:
+        """The prompt the model was trained with for each training image: its caption 0 (instancelevel_blip), its
+        fixed random caption (instancelevel_random), "An image of {class}" (classlevel) or "An image"."""
+        self.setup()
+        level = self.hparams.conditioning
+        prompts = {}
+        for path in self.train_files:
+            if level == "nolevel":
+                prompts[path] = "An image"
+            elif level == "classlevel":
+                prompts[path] = f"An image of {class_name_of(path)}"
+            elif level == "instancelevel_blip":
+                prompts[path] = self.captions[path][0]
+            else:
+                prompts[path] = self.dataset.random_captions[path]
+        return prompts
+
     def train_prompts(self, n: int, seed: int = 42) -> tuple[list[str], list[str | None]]:
         """n generation prompts as DCR `diff_inference.py` (docs/memorization.md#conditioning,
         docs/memorization.md#generation-protocol), and the training image each came from (None where it came

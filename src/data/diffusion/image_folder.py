@@ -210,6 +210,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.setup()
         return self.index["control"]
 
+    def image_transform(self) -> T.Compose:
+        """The training transform without its random flip: the images as the model saw them, in [-1, 1]."""
+        return diffusion_transform(self.hparams.image_size, random_flip=False)
+
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         dataset = ImageListDataset(

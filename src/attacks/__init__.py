@@ -1,0 +1,2 @@
+"""Attacks on trained diffusion models: generate-and-filter extraction and membership inference
+(docs/attacks.md)."""
