@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import src.utils  # noqa: F401  (registers the config resolvers)
-from src.attacks.run import MEMBERSHIP_ATTACKS, attack_module, flat_numbers
+from src.attacks.run import MEMBERSHIP_ATTACKS, attack_module, flat_numbers, generations_name
 from src.generation import load_module, run_datamodule, run_dir_of
 from src.replication.report import log_report_to_wandb
 from src.utils.run import (
@@ -51,7 +51,7 @@ def attack(cfg: DictConfig) -> dict:
     if options["name"] not in MEMBERSHIP_ATTACKS:
         sampler = options.get("sampler") or module.hparams.sampler
         steps = options.get("steps") or module.hparams.sample_steps
-        default = f"attack_{sampler}{steps}_seed{options['seed']}"  # extraction and adaptive share it
+        default = generations_name(sampler, steps, options)
         generations = options.get("generations") or run_dir_of(ckpt_path) / "samples" / default
     summary = attack_module(
         module,

@@ -231,6 +231,26 @@ def test_membership_without_held_out_images_says_which_option_adds_them(tmp_path
         attack(cfg)
 
 
+@pytest.mark.slow
+def test_a_training_run_ends_with_its_attacks(data_dir, tmp_path):
+    from src.train import train
+    from tests.conftest import tiny_diffusion_overrides
+
+    overrides = [
+        "experiment=ddpm_quickstart",
+        *tiny_diffusion_overrides(data_dir),
+        "callbacks.replication=null",
+    ]
+    overrides += [
+        "callbacks.attacks.names=[loss,adaptive]",
+        "callbacks.attacks.options={loss: {draws: 1, bootstrap: 0}, adaptive: {num_images: 4, steps: 2}}",
+    ]
+    metrics = train(compose_config("train.yaml", overrides, tmp_path))
+    assert "attack/loss/loss@t=10/auc" in metrics and "attack/adaptive/num_generated" in metrics
+    assert (tmp_path / "attacks" / "loss" / "roc.png").is_file()
+    assert (tmp_path / "samples" / "attack_ddim2_seed0" / "all" / "000003.png").is_file()
+
+
 def test_extraction_without_a_threshold_names_the_key(tmp_path, ddpm_run_dir):
     cfg = compose_config(
         "attack.yaml", ["attack=extraction", f"ckpt_path={ddpm_run_dir}", "device=cpu"], tmp_path

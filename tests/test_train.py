@@ -85,6 +85,7 @@ def test_unknown_experiment_lists_the_valid_ones():
         ("csd_quickstart", "+sweep=csd_init", "params"),
         ("ddpm_quickstart", "+sweep=ddpm_quickstart_subsets", "params"),
         ("ddpm_celebahq", "+sweep=ddpm_celebahq_subsets", "params"),
+        ("ddpm_quickstart", "+sweep=extraction_subsets", "params"),
     ],
 )
 def test_sweep_and_launcher_configs_compose(experiment, search, target):

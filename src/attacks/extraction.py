@@ -326,6 +326,7 @@ def run_extraction(
                 seed=seed,
                 prompts=[prompt] * options["per_prompt"],
                 progress=False,
+                inference_mitigation={"name": options.get("inference_mitigation") or "none"},
                 **generation,
             )
             groups.append((f"{j:05d}", prompt, source, folder))

@@ -22,6 +22,14 @@ def flat_numbers(summary: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def generations_name(sampler: str, steps: int, options: dict) -> str:
+    """The folder name of an attack's generations: extraction and adaptive share it when their generation
+    settings agree (the folders are keyed by content, so sharing is safe)."""
+    mitigation = options.get("inference_mitigation") or "none"
+    suffix = "" if mitigation == "none" else f"_{mitigation}"
+    return f"attack_{sampler}{steps}_seed{options['seed']}{suffix}"
+
+
 SHARED_KEYS = ("name", "batch_size", "use_ema", "bootstrap")
 
 

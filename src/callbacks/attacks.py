@@ -1,6 +1,7 @@
 """End a diffusion training run with attacks on the model it trained (docs/attacks.md), as it ends with its
 replication report: `callbacks.attacks.names=[loss,pia,extraction] callbacks.attacks.options={extraction:
-{edge_threshold: 0.1}}`."""
+{edge_threshold: 0.1}}`. A name `extraction:rna` runs the extraction attack on generations made with an
+inference-time mitigation (the options of `extraction` apply to it too)."""
 
 import logging
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 from lightning.pytorch import Callback
 from omegaconf import OmegaConf
 
-from src.attacks.run import attack_module, flat_numbers
+from src.attacks.run import attack_module, flat_numbers, generations_name
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,18 @@ class AttacksAtEnd(Callback):
     def __init__(self, names: list[str] | None = None, options: dict | None = None):
         self.names = list(names or [])
         options = dict(options or {})
-        self.options = {name: attack_options(name, options.pop(name, None)) for name in self.names}
-        if options:
+        bases = {name.partition(":")[0] for name in self.names}
+        unknown = sorted(set(options) - bases)
+        if unknown:
             raise ValueError(
-                f"callbacks.attacks.options names attacks not in callbacks.attacks.names: {sorted(options)}"
+                f"callbacks.attacks.options names attacks not in callbacks.attacks.names: {unknown}"
             )
+        self.options = {}
+        for name in self.names:
+            base, _, mitigation = name.partition(":")
+            self.options[name] = attack_options(base, options.get(base))
+            if mitigation:
+                self.options[name]["inference_mitigation"] = mitigation
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not self.names or not trainer.is_global_zero or getattr(trainer, "fast_dev_run", False):
@@ -46,12 +54,23 @@ class AttacksAtEnd(Callback):
         run_dir = Path(trainer.default_root_dir)
         metrics = {}
         for name in self.names:
-            out = run_dir / "attacks" / name
+            tag, options = name.replace(":", "_"), self.options[name]
+            generations = None
+            if "sampler" in options:  # extraction and adaptive: generations beside the run's other samples
+                sampler = options["sampler"] or pl_module.hparams.sampler
+                steps = options["steps"] or pl_module.hparams.sample_steps
+                generations = run_dir / "samples" / generations_name(sampler, steps, options)
             summary = attack_module(
-                pl_module, trainer.datamodule, self.options[name], out, run_dir, device=pl_module.device
+                pl_module,
+                trainer.datamodule,
+                options,
+                run_dir / "attacks" / tag,
+                run_dir,
+                generations=generations,
+                device=pl_module.device,
             )
-            metrics.update({f"attack/{name}/{k}": v for k, v in flat_numbers(summary).items()})
-            log.info(f"attack {name}: report in {out}")
+            metrics.update({f"attack/{tag}/{k}": v for k, v in flat_numbers(summary).items()})
+            log.info(f"attack {name}: report in {run_dir / 'attacks' / tag}")
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items() if v is not None})
