@@ -13,7 +13,7 @@ from PIL import Image
 
 from src.attack import attack
 from src.attacks.extraction import check_extraction_options, load_generations, run_adaptive, run_extraction
-from tests.conftest import compose_config
+from tests.conftest import ROOT, compose_config, load_script
 
 SIZE = 16
 
@@ -151,6 +151,26 @@ def test_the_adaptive_attack_flags_the_copies_of_an_unconditional_generator(plan
     assert summary["flagged"] == 3 and summary["unique_extracted"] == 1 and summary["precision"] == 1.0
 
 
+def test_duplicated_prompts_rank_the_images_with_the_most_near_duplicates_first(planted, tmp_path):
+    from src.attacks.extraction import candidate_prompts, duplicated_prompts
+    from src.nn.extractors import PixelExtractor
+
+    _, run = planted
+    copy = np.asarray(Image.open(run.root / "img6.png"))
+    for name in ("img2.png", "img4.png"):  # img2, img4 and img6 are one image three times
+        Image.fromarray(copy).save(run.root / name)
+
+    def mine(dm, by_image, count):
+        return duplicated_prompts(dm, by_image, count, 0.99, PixelExtractor(8), "cpu")
+
+    prompts = candidate_prompts("duplicated", run, 3, duplicates=mine)
+    assert [path for _, path in prompts] == ["img2.png", "img4.png", "img6.png"]
+    assert candidate_prompts("training", run, 2) == [
+        ("a photo number 0", "img0.png"),
+        ("a photo number 1", "img1.png"),
+    ]
+
+
 def test_bad_extraction_options_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="attack.edge_threshold is required.*did not publish"):
         check_extraction_options({**OPTIONS, "edge_threshold": None}, conditional=True)
@@ -249,6 +269,11 @@ def test_a_training_run_ends_with_its_attacks(data_dir, tmp_path):
     assert "attack/loss/loss@t=10/auc" in metrics and "attack/adaptive/num_generated" in metrics
     assert (tmp_path / "attacks" / "loss" / "roc.png").is_file()
     assert (tmp_path / "samples" / "attack_ddim2_seed0" / "all" / "000003.png").is_file()
+    aggregate = load_script(ROOT / "experiments" / "extraction" / "aggregate.py", "extraction_aggregate")
+    (row,) = aggregate.aggregate([tmp_path], tmp_path / "study")
+    assert row["subset_size"] == 8 and row["params"] > 0 and 0 <= row["loss@t=10_auc"] <= 1
+    assert row["adaptive_unique"] <= 8 and row["adaptive_unique_ci"].startswith("[")
+    assert (tmp_path / "study" / "study.png").is_file() and (tmp_path / "study" / "study.csv").is_file()
 
 
 def test_extraction_without_a_threshold_names_the_key(tmp_path, ddpm_run_dir):

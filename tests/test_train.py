@@ -86,6 +86,7 @@ def test_unknown_experiment_lists_the_valid_ones():
         ("ddpm_quickstart", "+sweep=ddpm_quickstart_subsets", "params"),
         ("ddpm_celebahq", "+sweep=ddpm_celebahq_subsets", "params"),
         ("ddpm_quickstart", "+sweep=extraction_subsets", "params"),
+        ("ddpm_quickstart", "+sweep=extraction_architecture", "params"),
     ],
 )
 def test_sweep_and_launcher_configs_compose(experiment, search, target):

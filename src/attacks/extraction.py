@@ -27,6 +27,8 @@ from tqdm import tqdm
 from src.data.images import load_rgb, read_list
 from src.generation import generate_to_folder
 from src.metrics.extraction import adaptive_extraction_score, clique_summary, tiled_l2
+from src.metrics.search import search_topk
+from src.nn.embed import embed_images
 from src.plots import draw_image_rows, save_figure
 from src.replication.study import bootstrap_interval
 from src.utils.checks import check_number
@@ -103,14 +105,12 @@ def duplicated_prompts(datamodule, prompts: dict[str, str], count: int, threshol
     """The prompts of the `count` training images with the most near-duplicates (feature cosine similarity above
     `threshold` with `extractor`, docs/attacks.md#generate-and-filter), most duplicated first; ties keep the
     training order. Returns [(prompt, path, duplicates)]."""
-    from src.metrics.search import search_topk
-    from src.nn.embed import embed_images
-
     files = datamodule.train_files
     features, rows, _ = embed_images(extractor, datamodule.root, files, 32, 0, device, "duplicate mining")
-    k = min(len(rows), 200)
-    scores, _ = search_topk(features, features, k, device=device, exclude_self=True)
-    duplicates = (scores > threshold).sum(dim=1).tolist()
+    duplicates = [0] * len(rows)
+    if len(rows) > 1:  # near-duplicates among the 200 nearest others of each image
+        scores, _ = search_topk(features, features, min(len(rows) - 1, 200), device=device, exclude_self=True)
+        duplicates = (scores > threshold).sum(dim=1).tolist()
     order = sorted(range(len(rows)), key=lambda i: (-duplicates[i], i))
     chosen = [(prompts[files[rows[i]]], files[rows[i]], duplicates[i]) for i in order]
     unique, seen = [], set()

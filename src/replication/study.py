@@ -26,17 +26,20 @@ def parse_study_args(argv, description: str) -> argparse.Namespace:
     return args
 
 
-def find_runs(folders, hint: str = "train with the ReplicationAnalysis callback") -> list[Path]:
-    """Run folders (those holding replication/summary.json) at or below each folder, without duplicates, sorted.
-    Raises FileNotFoundError naming a folder that is missing or holds no run (`hint`: how to make one)."""
+def find_runs(
+    folders, hint: str = "train with the ReplicationAnalysis callback", marker: str = SUMMARY
+) -> list[Path]:
+    """Run folders (those holding `marker`, a path of depth 2 inside the run: replication/summary.json by
+    default) at or below each folder, without duplicates, sorted. Raises FileNotFoundError naming a folder that
+    is missing or holds no run (`hint`: how to make one)."""
     runs = {}
     for folder in map(Path, folders):
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder} is not a folder: give a multirun folder or a run folder")
-        found = sorted(p.parent.parent for p in folder.rglob(SUMMARY))
+        found = sorted(p.parent.parent for p in folder.rglob(marker))
         if not found:
             raise FileNotFoundError(
-                f"no run under {folder} holds {SUMMARY}: {hint}, or point at its multirun folder"
+                f"no run under {folder} holds {marker}: {hint}, or point at its multirun folder"
             )
         runs.update({run.resolve(): None for run in found})
     return list(runs)
