@@ -39,6 +39,8 @@ bench: install  ## throughput / time / memory benchmarks against in-run baseline
 	$(PY) -m benchmarks.lightning_overhead --module t2i
 	$(PY) -m benchmarks.mitigation_cost
 	$(PY) -m benchmarks.ddpm_sampling
+	$(PY) -m benchmarks.extraction_pipeline
+	$(PY) -m benchmarks.membership_throughput
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks experiments

@@ -29,17 +29,24 @@ Every stage runs once untimed (generation with 2 steps), then in windows interle
 (benchmarks/harness.py), and the table gives medians. Peak memory is the rise of the peak RSS (CPU) or of the
 CUDA allocator's peak (GPU) during that first, untimed call of each stage, not counting its inputs (the
 training set, the generations, the model); a generation step frees its memory before the next, so 2 steps
-peak as 50 do. The stages share this process, so memory the allocator kept from an earlier stage can hide part
-of a later stage's rise; --fresh-processes measures each stage in a fresh process instead
-(`harness.run_worker`), at the cost of four more imports of torch and Lightning.
+peak as 50 do. The stages share this process: the C heap's free pages are handed back before each first call
+(`malloc_trim`), so memory freed by an earlier stage counts again when a later one reuses it, but one-off
+allocations (thread pools, kernel caches) made by an earlier stage do not. --fresh-processes measures each
+stage in a fresh process instead (`harness.run_worker`), at the cost of four more imports of torch and
+Lightning (about 15 s each on a busy CPU); at the defaults it gave within 3 MiB of this for the filter stages
+and 44 MiB instead of 33 for the generation.
 
-Reference run at the defaults (2 AMD EPYC vCPUs shared with a running study, so 1 torch thread): see the
-report of the change that added this file.
+Reference run at the defaults (2 AMD EPYC vCPUs shared with a running study, so 1 torch thread), per prompt:
+tiled l2 0.048 s, clique 0.049 s, verification 7.31 s, the filter 7.41 s in all, 1.8% of the 409 s that
+generating the 500 images takes (DDIM-50, 0.82 s per image); verification is 99% of the filter (K x M x d =
+1.5e11 multiply-adds, about 42 GFLOP/s); peak rise 177 MiB (verification's blocks of 256 x 65,536 squared
+distances) over the 1,172 MiB training set, 33 MiB for the generation.
 
-    python -m benchmarks.extraction_pipeline                       # K = 500, M = 100,000 at 32 px: about 90 s
+    python -m benchmarks.extraction_pipeline                       # K = 500, M = 100,000 at 32 px: about 70 s
     python -m benchmarks.extraction_pipeline --device cuda --size 64
 """
 
+import ctypes
 import statistics
 import time
 
@@ -132,8 +139,18 @@ def timed(call, device: torch.device) -> dict:
     return {"seconds": time.perf_counter() - start}
 
 
+def release_free_memory() -> None:
+    """Hands the C heap's free pages back to the system (glibc `malloc_trim`; nothing elsewhere), so that a
+    call reusing memory freed by an earlier one shows it as a rise of the resident set."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def first_call_peak(call, device: torch.device) -> dict:
     """{"peak": bytes, "note"}: the rise of peak memory during one call."""
+    release_free_memory()
     memory = PeakMemory(device)
     memory.reset()
     timed(call, device)

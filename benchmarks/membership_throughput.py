@@ -22,8 +22,11 @@ windows interleaved A B C D E E D C B A ... (benchmarks/harness.py), and the tab
 is the peak during a call, as `harness.PeakMemory` reads it: the process's peak RSS on the CPU (the model, the
 images and the Python runtime included), the CUDA allocator's peak on a GPU; the largest over the calls.
 
-Reference run at the defaults (2 AMD EPYC vCPUs shared with a running study, so 1 torch thread): see the
-report of the change that added this file.
+Reference run at the defaults (2 AMD EPYC vCPUs shared with a running study, so 1 torch thread; the
+interleaved rounds differed by up to 15%): the forward 55 images/s (18.2 ms per image); loss at one timestep 57
+images/s (1 forward, 0.96 forwards' time), the loss defaults 3.0 images/s (20 forwards, 18.3), SecMI 5.8
+images/s (11 forwards, 9.5), PIA 33 images/s (2 forwards, 1.65): each attack costs its forward passes and no
+measurable more; peak RSS 1.13-1.16 GiB for every row (the runtime and the model; one forward at batch 64).
 
     python -m benchmarks.membership_throughput                  # 64 images at 32 px, batch 64: about 90 s
     python -m benchmarks.membership_throughput --device cuda --images 1024

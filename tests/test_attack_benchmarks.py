@@ -35,7 +35,9 @@ def test_extraction_pipeline_benchmark_table(capsys, quiet_cpu):
     filter_stages = [by_stage[name] for name in ("tiled_l2", "clique", "verify")]
     assert by_stage["filter"]["seconds"] == pytest.approx(sum(row["seconds"] for row in filter_stages))
     assert by_stage["generate"]["share"] == 1.0
-    assert by_stage["filter"]["share"] == pytest.approx(by_stage["filter"]["seconds"] / by_stage["generate"]["seconds"])
+    assert by_stage["filter"]["share"] == pytest.approx(
+        by_stage["filter"]["seconds"] / by_stage["generate"]["seconds"]
+    )
     assert by_stage["filter"]["peak_mib"] == max(row["peak_mib"] for row in filter_stages)
     assert all(row["seconds"] > 0 and row["peak_mib"] >= 0 for row in rows)
     out = capsys.readouterr().out
@@ -52,7 +54,9 @@ def test_extraction_pipeline_benchmark_table(capsys, quiet_cpu):
 
 def test_extraction_pipeline_extrapolates_verification_and_generation_linearly():
     args = extraction_pipeline.parse_args(["--k", "100", "--train-size", "1000", "--timed-train-size", "250"])
-    results = {name: [{"seconds": 1.0}, {"seconds": 2.0}, {"seconds": 9.0}] for name in extraction_pipeline.STAGES}
+    results = {
+        name: [{"seconds": 1.0}, {"seconds": 2.0}, {"seconds": 9.0}] for name in extraction_pipeline.STAGES
+    }
     memory = {name: {"peak": harness.MIB} for name in extraction_pipeline.STAGES}
     by_stage = {row["stage"]: row for row in extraction_pipeline.summarise(args, results, memory)}
     assert by_stage["tiled_l2"]["seconds"] == 2.0 and by_stage["clique"]["seconds"] == 2.0
