@@ -225,7 +225,7 @@ def test_extraction_runs_on_a_tiny_text_to_image_run(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["loss", "secmi", "pia"])
+@pytest.mark.parametrize("name", ["loss", "secmi", "pia", "pian"])
 def test_membership_attacks_run_on_a_tiny_ddpm(tiny_run, tmp_path, name):
     run = tiny_run("ddpm_quickstart").run_dir
     overrides = [f"attack={name}", f"ckpt_path={run}", "device=cpu", "attack.bootstrap=20"]

@@ -33,7 +33,7 @@ from src.replication import study  # noqa: E402
 from src.replication.study import bootstrap_interval, read_json  # noqa: E402
 from src.utils.checkpoints import load_checkpoint  # noqa: E402
 
-MEMBERSHIP = ("loss", "secmi", "pia")
+MEMBERSHIP = ("loss", "secmi", "pia", "pian")
 
 
 def unet_parameters(run: Path) -> int | None:

@@ -8,7 +8,7 @@ from src.attacks.extraction import candidate_prompts, duplicated_prompts, run_ad
 from src.attacks.membership import membership_sets, run_membership
 from src.utils.run import to_float_dict
 
-MEMBERSHIP_ATTACKS = ("loss", "secmi", "pia")
+MEMBERSHIP_ATTACKS = ("loss", "secmi", "pia", "pian")
 
 
 def flat_numbers(summary: dict, prefix: str = "") -> dict[str, float]:
