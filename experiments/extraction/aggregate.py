@@ -12,7 +12,8 @@ model size, then training subset size. Written to OUT (default: the first folder
 - study.png: extracted training images and membership AUC against the subset size (one line per model size);
 - heatmap.png (when the runs span several model sizes and subset sizes): extracted images and the best
   membership AUC per (model size, subset size);
-- study_gallery.png: each run's extraction gallery (candidate beside its nearest training image), stacked.
+- study_gallery.png: per run, the closest flagged candidates of both extraction attacks (one per extracted training
+  image) beside their nearest training image.
 """
 
 import math
@@ -26,9 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from src.plots import save_figure  # noqa: E402
+from src.plots import draw_image_rows, save_figure  # noqa: E402
 from src.replication import study  # noqa: E402
 from src.replication.study import bootstrap_interval, read_json  # noqa: E402
 from src.utils.checkpoints import load_checkpoint  # noqa: E402
@@ -122,28 +122,30 @@ def best_auc(row: dict) -> float:
     return max(values) if values else math.nan
 
 
-def draw_study(rows: list[dict], extraction_threshold: str | None):
-    """Left: training images extracted (adaptive and, at one threshold, clique-based) against the subset size;
-    right: membership AUC per attack against the subset size. One line style per model size."""
+def draw_study(rows: list[dict], thresholds: list[str]):
+    """Left: training images extracted (adaptive, and clique-based at each edge threshold) against the subset
+    size; right: membership AUC per attack against the subset size. One line per model size."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    sizes = sorted({r["subset_size"] for r in rows})
     for params in sorted({r["params"] for r in rows}, key=lambda p: p or 0):
         group = sorted((r for r in rows if r["params"] == params), key=lambda r: r["subset_size"])
-        sizes = [r["subset_size"] for r in group]
+        x = [r["subset_size"] for r in group]
         label = f"{params / 1e6:.2f}M params" if params else "model"
         if "adaptive_unique" in group[0]:
-            left.plot(sizes, [r["adaptive_unique"] for r in group], "o-", label=f"adaptive, {label}")
-        if extraction_threshold:
-            key = f"extr@{extraction_threshold}_unique"
-            left.plot(
-                sizes, [r.get(key, math.nan) for r in group], "s--", label=f"cliques @{extraction_threshold}"
-            )
+            left.plot(x, [r["adaptive_unique"] for r in group], "o-", label=f"adaptive, {label}")
+        for threshold in thresholds:
+            key = f"extr@{threshold}_unique"
+            left.plot(x, [r.get(key, math.nan) for r in group], "s--", label=f"cliques @{threshold}, {label}")
         for key in auc_keys(group):
-            right.plot(sizes, [r.get(key, math.nan) for r in group], "o-", label=f"{key[:-4]}, {label}")
+            right.plot(x, [r.get(key, math.nan) for r in group], "o-", label=f"{key[:-4]}, {label}")
     left.plot(sizes, sizes, ":", color="grey", label="all training images")
     left.set(xlabel="training images", ylabel="training images extracted", xscale="log")
     right.axhline(0.5, color="grey", linestyle=":")
-    right.set(xlabel="training images", ylabel="membership ROC AUC", xscale="log", ylim=(0.3, 1.02))
-    left.legend(fontsize=7)
+    right.set(xlabel="training images", ylabel="membership ROC AUC", xscale="log", ylim=(-0.02, 1.02))
+    for ax in (left, right):
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.minorticks_off()
+    left.legend(fontsize=6)
     right.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig
@@ -173,23 +175,46 @@ def draw_heatmap(rows: list[dict]):
     return fig
 
 
-def stack_galleries(runs: list[Path], path: Path) -> Path | None:
-    """The runs' extraction galleries one under the other, each captioned by its run."""
-    images = [
-        Image.open(run / "attacks" / "extraction" / "gallery.png")
-        for run in runs
-        if (run / "attacks" / "extraction" / "gallery.png").is_file()
-    ]
-    if not images:
+def draw_study_gallery(runs: list[Path], rows: list[dict], path: Path, per_attack: int = 3) -> Path | None:
+    """Per run (labelled by its subset size), the most convincing flagged candidates of the clique filter and of
+    the adaptive attack, each beside its nearest training image, redrawn from the runs' extracted.csv."""
+    pairs, labels = [], []
+    size_of = {row["run"]: row["subset_size"] for row in rows}
+    for run in runs:
+        index = read_json(run / "subset_index.json")
+        generations = sorted((run / "samples").glob("attack_*"))
+        if not index or not generations:
+            continue
+        for attack in ("extraction", "adaptive"):
+            found = [
+                r
+                for r in study.read_matches(run / "attacks" / attack / "extracted.csv") or []
+                if r["flagged"] == "True"
+            ]
+            unique = {}
+            for r in sorted(found, key=lambda r: float(r["l2"])):
+                unique.setdefault(r["nearest_train"], r)  # one candidate per extracted training image
+            for r in list(unique.values())[:per_attack]:
+                verified = r["verified"] == "True"
+                pairs.append(
+                    [
+                        (
+                            generations[0] / r["candidate"],
+                            f"{attack} {float(r['adaptive_score']):.2f}",
+                            "tab:blue",
+                        ),
+                        (
+                            Path(index["root"]) / r["nearest_train"],
+                            f"l2 {float(r['l2']):.3f}",
+                            "tab:green" if verified else "tab:red",
+                        ),
+                    ]
+                )
+                labels.append(f"{size_of.get(run.name, '?')} faces")
+    if not pairs:
         return None
-    width = max(i.width for i in images)
-    canvas = Image.new("RGB", (width, sum(i.height for i in images)), "white")
-    top = 0
-    for image in images:
-        canvas.paste(image.convert("RGB"), (0, top))
-        top += image.height
-    canvas.save(path)
-    return path
+    fig, _ = draw_image_rows(pairs, labels)
+    return save_figure(fig, path)
 
 
 def aggregate(folders, out: Path) -> list[dict]:
@@ -209,13 +234,10 @@ def aggregate(folders, out: Path) -> list[dict]:
     table = study.markdown_table(rows, shown)
     (out / "study.md").write_text(table + "\n")
     print(table)
-    save_figure(
-        draw_study(rows, thresholds[1] if len(thresholds) > 1 else (thresholds or [None])[0]),
-        out / "study.png",
-    )
+    save_figure(draw_study(rows, thresholds), out / "study.png")
     if len({r["params"] for r in rows}) > 1 and len({r["subset_size"] for r in rows}) > 1:
         save_figure(draw_heatmap(rows), out / "heatmap.png")
-    stack_galleries([r for r in runs], out / "study_gallery.png")
+    draw_study_gallery(runs, rows, out / "study_gallery.png")
     return rows
 
 

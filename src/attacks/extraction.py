@@ -19,6 +19,7 @@ import logging
 import math
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from PIL import Image
@@ -242,8 +243,13 @@ def label_of(row: dict) -> str:
 
 
 def draw_extraction_gallery(rows: list[dict], generated_root: Path, train_root: Path, path: Path, limit=12):
-    """Candidate beside its nearest training image, most convincing (smallest l2) first."""
-    shown = sorted((r for r in rows if r["flagged"]), key=lambda r: r["l2"])[:limit]
+    """Flagged candidates beside their nearest training image, most convincing (smallest l2) first; a candidate
+    flagged at several thresholds is shown once (at its largest clique)."""
+    flagged = sorted((r for r in rows if r["flagged"]), key=lambda r: -(r.get("clique_size") or 0))
+    unique = {}
+    for row in flagged:
+        unique.setdefault(row["candidate"], row)
+    shown = sorted(unique.values(), key=lambda r: r["l2"])[:limit]
     if not shown:
         return None
     pairs = [
@@ -262,8 +268,6 @@ def draw_extraction_gallery(rows: list[dict], generated_root: Path, train_root: 
 
 
 def draw_score_histograms(rows: list[dict], delta: float, path: Path):
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, key, line, title in (
         (axes[0], "l2", delta, "candidate to nearest training image (l2)"),
@@ -373,7 +377,7 @@ def run_extraction(
     write_rows(out_dir / "extracted.csv", rows)
     (out_dir / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     primary = [r for r in rows if r["edge_threshold"] == thresholds[0]]
-    draw_extraction_gallery(primary, generations, Path(datamodule.root), out_dir / "gallery.png")
+    draw_extraction_gallery(rows, generations, Path(datamodule.root), out_dir / "gallery.png")
     if primary:
         draw_score_histograms(primary, delta, out_dir / "scores.png")
     return summary
