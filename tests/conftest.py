@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,6 +20,17 @@ TINY_BENCH = {"seed": 0, "image_size": 48, "images_per_style": 6}
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture
+def quiet_cpu(monkeypatch):
+    """Benchmarks set torch's thread count (restored afterwards); skip their one-second CPU load probe."""
+    from benchmarks import harness
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(harness, "busy_cpu_fraction", lambda: 0.0)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session", autouse=True)

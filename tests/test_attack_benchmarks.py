@@ -7,15 +7,6 @@ import torch
 from benchmarks import extraction_pipeline, harness, membership_throughput
 
 
-@pytest.fixture
-def quiet_cpu(monkeypatch):
-    """The benchmarks set torch's thread count (restored afterwards); skip their one-second CPU load probe."""
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(harness, "busy_cpu_fraction", lambda: 0.0)
-    yield
-    torch.set_num_threads(threads)
-
-
 def table_lines(out: str, first_title: str) -> list[str]:
     """The printed table: its header (the line starting with `first_title`) and the rows below it."""
     lines = out.splitlines()

@@ -2,7 +2,8 @@
 compares agree (same metrics, same top-1, same first loss and weights), and every table has the expected
 rows."""
 
-import time
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from benchmarks import (
 )
 from benchmarks import retrieval_metrics as retrieval_bench
 from src.metrics import retrieval_metrics
+from tests.conftest import ROOT
 
 
 @pytest.fixture
@@ -62,30 +64,43 @@ def test_time_calls_times_each_draw_after_an_untimed_one():
     assert draws == [0, 1, 2, 3] and outputs == [2, 4, 6] and median_us > 0
 
 
-@pytest.mark.parametrize("clear_refs", [True, False], ids=["vmhwm", "sampled-only"])
-def test_peak_memory_sees_an_allocation_freed_before_reading(monkeypatch, clear_refs):
-    before, held = harness.current_rss_bytes(), torch.ones(64 * harness.MIB // 4)
-    if harness.current_rss_bytes() - before < 48 * harness.MIB:  # e.g. a sandbox whose /proc has no true RSS
+PEAK_SCRIPT = """
+import builtins, sys, time, torch
+from benchmarks import harness
+before, held = harness.current_rss_bytes(), torch.ones(64 * harness.MIB // 4)
+if harness.current_rss_bytes() - before < 48 * harness.MIB:
+    print("SKIP"); sys.exit(0)
+del held
+if sys.argv[1] == "sampled-only":  # no writable clear_refs, no VmHWM line: only the sampler counts
+    harness.vm_hwm_bytes = lambda: 0
+    real_open = builtins.open
+    def open_without_clear_refs(path, *args, **kwargs):
+        if str(path) == "/proc/self/clear_refs":
+            raise PermissionError(path)
+        return real_open(path, *args, **kwargs)
+    builtins.open = open_without_clear_refs
+memory = harness.PeakMemory(torch.device("cpu"), interval=0.002)
+memory.reset()
+block = torch.ones(128 * harness.MIB // 4)  # larger than anything freed before in this process
+time.sleep(0.1)
+del block
+print(memory.rise() // harness.MIB, memory.peak() >= memory.before + memory.rise(), repr(memory.note))
+"""
+
+
+@pytest.mark.parametrize("mode", ["vmhwm", "sampled-only"])
+def test_peak_memory_sees_an_allocation_freed_before_reading(mode):
+    """In a fresh process, as the benchmarks measure (`run_worker`): in a long-lived one, freed pages that stay
+    resident can hold a new allocation without any rise of the resident set."""
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, mode], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    if result.stdout.strip() == "SKIP":
         pytest.skip("this kernel's /proc/self/statm does not show a 64 MiB allocation as resident")
-    del held
-    memory = harness.PeakMemory(torch.device("cpu"), interval=0.002)
-    if not clear_refs:  # a kernel without a writable clear_refs or a VmHWM line: only the sampler counts
-        monkeypatch.setattr(harness, "vm_hwm_bytes", lambda: 0)
-        real_open = open
-
-        def open_without_clear_refs(path, *args, **kwargs):
-            if str(path) == "/proc/self/clear_refs":
-                raise PermissionError(path)
-            return real_open(path, *args, **kwargs)
-
-        monkeypatch.setattr("builtins.open", open_without_clear_refs)
-    memory.reset()
-    block = torch.ones(64 * harness.MIB // 4)  # 64 MiB, written so the pages are resident
-    time.sleep(0.1)
-    del block  # freed (returned to the OS: an allocation this large is its own mapping) before the reading
-    assert memory.rise() >= 48 * harness.MIB
-    assert memory.peak() >= memory.before + memory.rise()
-    assert ("sampled" in memory.note) == (not clear_refs)
+    rise_mib, consistent, note = result.stdout.split(maxsplit=2)
+    assert int(rise_mib) >= 96 and consistent == "True"
+    assert ("sampled" in note) == (mode == "sampled-only")
 
 
 def test_check_device_rejects_fp16_on_cpu_and_missing_cuda():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import extraction_distance, harness
+from benchmarks import extraction_distance
 from src.metrics.extraction import (
     adaptive_extraction_score,
     clique_summary,
@@ -214,13 +214,6 @@ def test_nearest_training_is_the_argmin_of_a_loop(device, chunk, train_chunk):
 
 
 # ---- benchmark -------------------------------------------------------------------------------------------
-@pytest.fixture
-def quiet_cpu(monkeypatch):
-    """The benchmark sets torch's thread count (restored afterwards); skip its one-second CPU load probe."""
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(harness, "busy_cpu_fraction", lambda: 0.0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_extraction_distance_benchmark_table(capsys, quiet_cpu):
