@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import src.utils  # noqa: F401  (registers the config resolvers)
-from src.attacks.run import MEMBERSHIP_ATTACKS, attack_module, flat_numbers, generations_name
+from src.attacks.run import MEMBERSHIP_ATTACKS, attack_module, default_generations, flat_numbers
 from src.generation import load_module, run_datamodule, run_dir_of
 from src.replication.report import log_report_to_wandb
 from src.utils.run import (
@@ -44,22 +44,18 @@ def attack(cfg: DictConfig) -> dict:
     datamodule = None
     if options["name"] not in MEMBERSHIP_ATTACKS:
         datamodule = run_datamodule(
-            ckpt_path, f"attack={options['name']}", "attack a checkpoint that lies in its training run folder"
+            run_dir_of(ckpt_path),
+            f"attack={options['name']}",
+            "attack a checkpoint that lies in its training run folder",
         )
     extractor = instantiate(cfg.duplicates) if options.get("prompts") == "duplicated" else None
-    generations = None
-    if options["name"] not in MEMBERSHIP_ATTACKS:
-        sampler = options.get("sampler") or module.hparams.sampler
-        steps = options.get("steps") or module.hparams.sample_steps
-        default = generations_name(sampler, steps, options)
-        generations = options.get("generations") or run_dir_of(ckpt_path) / "samples" / default
     summary = attack_module(
         module,
         datamodule,
         options,
         output_dir,
         run_dir_of(ckpt_path),
-        generations=generations,
+        generations=default_generations(run_dir_of(ckpt_path), module, options),
         duplicates_extractor=extractor,
         device=device,
     )

@@ -122,14 +122,15 @@ def generate_to_folder(
     prompts: list[str] | None = None,
     inference_mitigation: dict | None = None,
     adopt: bool = False,
+    weights_sha256: str | None = None,
 ) -> Path:
     """Write `num_images` generations of `module` (any module with `generate(seeds, sampler, steps, use_ema)`, and
     `prompts=` for text-conditional ones) into `folder` as 000000.png ..., skipping those already there, and write
     `manifest.json`. Image i uses seed + i and, when given, prompts[i] after `inference_mitigation`
     ({name: none | gni | rt | cwr | rna, repeats, lam}); the exact prompts used are written to `prompts.json`
     ({image name: prompt}). `checkpoint` is the file the module was loaded from: its SHA-256 keys the folder
-    (`file_digest`, remembered with its size and mtime); without one, the module's state digest does. Returns the
-    folder.
+    (`file_digest`, remembered with its size and mtime); without one, the module's state digest does, unless the
+    caller passes it as `weights_sha256` (computed once for many folders of one module). Returns the folder.
 
     Raises ValueError when the folder holds a manifest with other weights or settings (seed, sampler, steps, EMA,
     prompts, mitigation), or images without a manifest unless `adopt` (then images of another size are refused),
@@ -145,8 +146,10 @@ def generate_to_folder(
     folder.mkdir(parents=True, exist_ok=True)
     sampler = check_choice("sampler", sampler or module.hparams.sampler, SAMPLERS)
     steps = steps or module.hparams.sample_steps
-    is_file = checkpoint is not None and Path(checkpoint).is_file()
-    weights = file_digest(checkpoint) if is_file else state_digest(module)
+    weights = weights_sha256
+    if weights is None:
+        is_file = checkpoint is not None and Path(checkpoint).is_file()
+        weights = file_digest(checkpoint) if is_file else state_digest(module)
     mitigation = dict(inference_mitigation or {"name": "none"})
     used = None
     if prompts is not None:
@@ -237,11 +240,11 @@ def default_folder(ckpt_path: str, sampler: str, steps: int, seed: int, mitigati
     return run_dir_of(ckpt_path) / "samples" / f"{Path(ckpt_path).stem}_{sampler}{steps}_seed{seed}{suffix}"
 
 
-def run_datamodule(ckpt_path: str, needed_by: str, otherwise: str):
-    """The training run's datamodule, rebuilt from its `config_resolved.yaml` and set up: its training and
-    held-out files, captions and transform, as the run saw them. FileNotFoundError says that `needed_by` reads
-    the file and what to do `otherwise`."""
-    config_file = run_dir_of(ckpt_path) / "config_resolved.yaml"
+def run_datamodule(run_dir, needed_by: str, otherwise: str):
+    """The datamodule of the training run in `run_dir`, rebuilt from its `config_resolved.yaml` (nothing written
+    into the run) and set up: its training and held-out files, captions and transform, as the run saw them.
+    FileNotFoundError says that `needed_by` reads the file and what to do `otherwise`."""
+    config_file = Path(run_dir) / "config_resolved.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(
             f"{needed_by} reads the training run's {config_file}, which is missing (the checkpoint is not inside "
@@ -264,7 +267,9 @@ def read_prompts(source, ckpt_path: str, num_images: int, seed: int) -> list[str
     if source in (None, ""):
         return None
     if source == "training":
-        datamodule = run_datamodule(ckpt_path, "prompts=training", "pass prompts=<file.txt or .json> instead")
+        datamodule = run_datamodule(
+            run_dir_of(ckpt_path), "prompts=training", "pass prompts=<file.txt or .json> instead"
+        )
         return datamodule.train_prompts(num_images, seed=seed)[0]
     path = Path(source)
     if not path.is_file():

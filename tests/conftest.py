@@ -426,3 +426,24 @@ def tiny_cluster_data(bench_dir, tmp_path_factory) -> dict:
         "vocab": str(root / "tags.txt"),
         "wikiart": str(wikiart),
     }
+
+
+@pytest.fixture(scope="session")
+def attacked_run(data_dir, tmp_path_factory) -> TinyRun:
+    """A tiny DDPM run that ends with its attacks (extraction, adaptive, loss), trained once per session in
+    <tmp>/study/0 so that <tmp>/study reads as a study folder."""
+    from src.train import train
+
+    overrides = [
+        "experiment=ddpm_quickstart",
+        *tiny_diffusion_overrides(data_dir),
+        "callbacks.replication=null",
+    ]
+    overrides += [
+        "callbacks.attacks.names=[extraction,adaptive,loss]",
+        "callbacks.attacks.options={extraction: {edge_threshold: [0.3, 0.6], num_images: 6, min_clique_size: 2,"
+        " steps: 2, neighbours: 3}, adaptive: {num_images: 6, steps: 2, neighbours: 3, threshold: 2.0},"
+        " loss: {timesteps: [10, 100], draws: 1, bootstrap: 0}}",
+    ]
+    run_dir = tmp_path_factory.mktemp("attacked") / "study" / "0"
+    return TinyRun(run_dir, train(compose_config("train.yaml", overrides, run_dir)), "ddpm")

@@ -252,25 +252,16 @@ def test_membership_without_held_out_images_says_which_option_adds_them(tmp_path
 
 
 @pytest.mark.slow
-def test_a_training_run_ends_with_its_attacks(data_dir, tmp_path):
-    from src.train import train
-    from tests.conftest import tiny_diffusion_overrides
-
-    overrides = [
-        "experiment=ddpm_quickstart",
-        *tiny_diffusion_overrides(data_dir),
-        "callbacks.replication=null",
-    ]
-    overrides += [
-        "callbacks.attacks.names=[loss,adaptive]",
-        "callbacks.attacks.options={loss: {draws: 1, bootstrap: 0}, adaptive: {num_images: 4, steps: 2}}",
-    ]
-    metrics = train(compose_config("train.yaml", overrides, tmp_path))
+def test_a_training_run_ends_with_its_attacks(attacked_run, tmp_path):
+    run, metrics = attacked_run.run_dir, attacked_run.metrics
     assert "attack/loss/loss@t=10/auc" in metrics and "attack/adaptive/num_generated" in metrics
-    assert (tmp_path / "attacks" / "loss" / "roc.png").is_file()
-    assert (tmp_path / "samples" / "attack_ddim2_seed0" / "all" / "000003.png").is_file()
+    assert "attack/extraction/thresholds/0.3/flagged" in metrics
+    assert (run / "attacks" / "loss" / "roc.png").is_file()
+    # extraction and adaptive generated into one shared, content-keyed folder
+    assert sorted(p.name for p in (run / "samples").glob("attack_*")) == ["attack_ddim2_seed0"]
+    assert (run / "samples" / "attack_ddim2_seed0" / "all" / "000005.png").is_file()
     aggregate = load_script(ROOT / "experiments" / "extraction" / "aggregate.py", "extraction_aggregate")
-    (row,) = aggregate.aggregate([tmp_path], tmp_path / "study")
+    (row,) = aggregate.aggregate([run], tmp_path / "study")
     assert row["subset_size"] == 8 and row["params"] > 0 and 0 <= row["loss@t=10_auc"] <= 1
     assert row["adaptive_unique"] <= 8 and row["adaptive_unique_ci"].startswith("[")
     assert (tmp_path / "study" / "study.png").is_file() and (tmp_path / "study" / "study.csv").is_file()

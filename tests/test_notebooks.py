@@ -163,25 +163,10 @@ def test_replication_analysis_notebook_runs_on_a_tiny_report(tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_extraction_notebook_runs_on_a_tiny_attacked_run(data_dir, tmp_path, monkeypatch):
-    from src.train import train
-    from tests.conftest import tiny_diffusion_overrides
-
-    overrides = [
-        "experiment=ddpm_quickstart",
-        *tiny_diffusion_overrides(data_dir),
-        "callbacks.replication=null",
-    ]
-    overrides += [
-        "callbacks.attacks.names=[extraction,adaptive,loss]",
-        "callbacks.attacks.options={extraction: {edge_threshold: [0.3, 0.6], num_images: 6, min_clique_size: 2,"
-        " steps: 2, neighbours: 3}, adaptive: {num_images: 6, steps: 2, neighbours: 3, threshold: 2.0},"
-        " loss: {timesteps: [10, 100], draws: 1, bootstrap: 0}}",
-    ]
-    run = tmp_path / "study" / "0"
-    train(compose_config("train.yaml", overrides, run))
-    outputs, text, figures = run_notebook("extraction.ipynb", monkeypatch, STUDY_DIR=tmp_path / "study")
-    assert f"Study: {tmp_path / 'study'}" in text and "8 training images" in text
+def test_extraction_notebook_runs_on_a_tiny_attacked_run(attacked_run, monkeypatch):
+    study = attacked_run.run_dir.parent
+    outputs, text, figures = run_notebook("extraction.ipynb", monkeypatch, STUDY_DIR=study)
+    assert f"Study: {study}" in text and "8 training images" in text
     # the study figure, at least one gallery (adaptive flags below 2.0), the ROC curves; one model size: no heat map
     assert len(figures) >= 3 and "no heat map" in text
     tables = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from src.attacks.membership import load_images
 from src.data.images import load_rgb, read_list
 from src.generation import generate_to_folder
 from src.metrics.extraction import adaptive_extraction_score, clique_summary, tiled_l2
@@ -32,6 +33,7 @@ from src.metrics.search import search_topk
 from src.nn.embed import embed_images
 from src.plots import draw_image_rows, save_figure
 from src.replication.study import bootstrap_interval
+from src.utils.checkpoints import state_digest
 from src.utils.checks import check_number
 
 log = logging.getLogger(__name__)
@@ -76,11 +78,8 @@ def training_images(datamodule, files: list[str] | None = None) -> tuple[torch.T
     """The run's training images (or `files` of its root) as the model saw them (its transform without flips),
     in [0, 1], (N, C, H, W), and their paths."""
     files = list(datamodule.train_files if files is None else files)
-    transform = datamodule.image_transform()
-    images = [
-        (transform(load_rgb(Path(datamodule.root) / f)) + 1) / 2 for f in tqdm(files, desc="training images")
-    ]
-    return torch.stack(images), files
+    images = load_images(Path(datamodule.root), files, datamodule.image_transform(), "training images")
+    return (images + 1) / 2, files
 
 
 def load_generations(folder, image_size: int, resize: bool = False) -> tuple[torch.Tensor, list[str]]:
@@ -312,6 +311,7 @@ def run_extraction(
             f"generates {size}x{size}"
         )
     generation = {k: options[k] for k in ("sampler", "steps", "batch_size", "use_ema")}
+    generation["weights_sha256"] = state_digest(module)  # once, not once per prompt folder
     groups = []  # (group id, prompt, source image, folder)
     if prompts is None:
         folder = generations / "all"

@@ -22,7 +22,6 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 from tqdm import tqdm
@@ -31,6 +30,7 @@ from src.data.diffusion.captioned import caption_transform, class_name_of
 from src.data.diffusion.captions import load_captions
 from src.data.diffusion.image_folder import diffusion_transform
 from src.data.images import folder_files, load_rgb
+from src.generation import run_datamodule
 from src.metrics.membership import roc_curve, roc_summary
 from src.models.diffusion import sampling_network
 from src.plots import save_figure
@@ -304,24 +304,8 @@ def no_control_set(run_dir: Path, what: str) -> ValueError:
     )
 
 
-def read_run_config(run_dir: Path):
-    config_file = run_dir / "config_resolved.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"run '{run_dir}' has no config_resolved.yaml: give the folder of a `python -m src.train` run"
-        )
-    return OmegaConf.load(config_file)
-
-
 def is_captioned(data_config) -> bool:
     return str(data_config.get("_target_", "")).endswith("CaptionedDataModule")
-
-
-def captioned_datamodule(data_config):
-    """The run's captioned datamodule rebuilt from its config (nothing written into the run)."""
-    data = OmegaConf.to_container(data_config, resolve=True)
-    data.update({"weights_file": None, "num_workers": 0})
-    return instantiate(data)
 
 
 def membership_prompts(datamodule, paths: list[str]) -> list[str]:
@@ -366,16 +350,25 @@ def membership_sets(run_dir, image_size: int | None = None) -> tuple:
     (data.control_size=<n>).
     """
     run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    data = config.data
+    config_file = run_dir / "config_resolved.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"run '{run_dir}' has no config_resolved.yaml: give the folder of a `python -m src.train` run"
+        )
+    data = OmegaConf.load(config_file).data
     size = image_size or int(data.image_size)
     index_file = run_dir / "subset_index.json"
-    datamodule = captioned_datamodule(data) if is_captioned(data) else None
+    datamodule = None
+    if is_captioned(
+        data
+    ):  # its captions give the prompts; the selection is rebuilt when no index was written
+        datamodule = run_datamodule(
+            run_dir, "membership inference", "give the folder of a `python -m src.train` run"
+        )
     if index_file.is_file():
         index = read_json(index_file, "subset index")
         root, train, control = Path(index["root"]), index.get("train", []), index.get("control", [])
     elif datamodule is not None:
-        datamodule.setup("predict")
         root, train, control = datamodule.root, datamodule.train_files, datamodule.control_files
     else:
         raise FileNotFoundError(

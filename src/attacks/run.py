@@ -22,12 +22,20 @@ def flat_numbers(summary: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def generations_name(sampler: str, steps: int, options: dict) -> str:
-    """The folder name of an attack's generations: extraction and adaptive share it when their generation
-    settings agree (the folders are keyed by content, so sharing is safe)."""
+def default_generations(run_dir, module, options: dict) -> Path | None:
+    """Where extraction and adaptive generate their candidates: `options["generations"]`, else
+    <run>/samples/attack_<sampler><steps>_seed<seed>[_<mitigation>] beside the run's other samples (shared by
+    both attacks when their settings agree: the folders are keyed by content, so sharing is safe). None for the
+    membership attacks, which generate nothing."""
+    if options["name"] in MEMBERSHIP_ATTACKS:
+        return None
+    if options.get("generations"):
+        return Path(options["generations"])
+    sampler = options.get("sampler") or module.hparams.sampler
+    steps = options.get("steps") or module.hparams.sample_steps
     mitigation = options.get("inference_mitigation") or "none"
     suffix = "" if mitigation == "none" else f"_{mitigation}"
-    return f"attack_{sampler}{steps}_seed{options['seed']}{suffix}"
+    return Path(run_dir) / "samples" / f"attack_{sampler}{steps}_seed{options['seed']}{suffix}"
 
 
 SHARED_KEYS = ("name", "batch_size", "use_ema", "bootstrap")

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Callback
 from omegaconf import OmegaConf
 
-from src.attacks.run import attack_module, flat_numbers, generations_name
+from src.attacks.run import attack_module, default_generations, flat_numbers
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +55,13 @@ class AttacksAtEnd(Callback):
         metrics = {}
         for name in self.names:
             tag, options = name.replace(":", "_"), self.options[name]
-            generations = None
-            if "sampler" in options:  # extraction and adaptive: generations beside the run's other samples
-                sampler = options["sampler"] or pl_module.hparams.sampler
-                steps = options["steps"] or pl_module.hparams.sample_steps
-                generations = run_dir / "samples" / generations_name(sampler, steps, options)
             summary = attack_module(
                 pl_module,
                 trainer.datamodule,
                 options,
                 run_dir / "attacks" / tag,
                 run_dir,
-                generations=generations,
+                generations=default_generations(run_dir, pl_module, options),
                 device=pl_module.device,
             )
             metrics.update({f"attack/{tag}/{k}": v for k, v in flat_numbers(summary).items()})

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from src.plots import draw_similarity_histogram, image_grid, save_figure
+from src.utils.checkpoints import state_digest
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ class ReplicationAnalysis(Callback):
             *((f"inference_{m['name']}", m) for m in self.inference_mitigations),
         ]
         metrics, top1, sizes = {}, {}, {}
+        digest = state_digest(pl_module)  # keys every generation folder below; computed once
         for tag, mitigation in variants:
             folder = run_dir / "samples" / ("final" if tag == "train" else f"final_{mitigation['name']}")
             generate_to_folder(
@@ -190,6 +192,7 @@ class ReplicationAnalysis(Callback):
                 prompts=prompts,
                 inference_mitigation=mitigation,
                 checkpoint=f"end of training, step {trainer.global_step}",
+                weights_sha256=digest,
             )
             sets = {tag: datamodule.train_files}
             if tag == "train" and self.control and control_files:
