@@ -24,11 +24,12 @@ demo: install  ## train CSD on the embedded style benchmark (metrics before/afte
 	$(PY) -m src.evaluate extractor=pixels
 	$(PY) -m src.evaluate extractor=color_hist
 
-test: install-dev  ## the whole test suite, slow end-to-end tests included
-	$(PY) -m pytest -q $(ARGS)
+TEST_WORKERS ?= 2
+test: install-dev  ## the whole test suite, slow end-to-end tests included, in TEST_WORKERS processes (pytest-xdist)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 test-fast: install-dev
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(ARGS)
 
 bench: install  ## throughput / time / memory benchmarks against in-run baselines (benchmarks/, not installed)
 	$(PY) -m benchmarks.retrieval_metrics

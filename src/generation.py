@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from src.data.diffusion.image_folder import fingerprint
 from src.data.images import IMAGE_EXTENSIONS, read_list
-from src.mitigations import INFERENCE_MITIGATIONS, apply_inference_mitigation
+from src.mitigations import INFERENCE_MITIGATIONS, SAMPLING_MITIGATIONS, apply_inference_mitigation
 from src.nn.diffusion import SAMPLERS, check_choice
 from src.utils.checkpoints import TRAIN_DIFFUSION, expect_module, file_digest, load_checkpoint, state_digest
 from src.utils.checks import check_number
@@ -196,6 +196,7 @@ def generate_to_folder(
     bar = tqdm(
         total=num_images, initial=num_images - len(todo), desc="sampling", unit="img", disable=not progress
     )
+    report: list[dict] = []
     for start in range(0, len(todo), batch_size):
         indices = todo[start : start + batch_size]
         extra = {}
@@ -203,13 +204,27 @@ def generate_to_folder(
             extra["prompts"] = [used[i] for i in indices]
             if mitigation.get("name") == "gni":
                 extra["embedding_noise"] = float(mitigation.get("lam", 0.1))
+            if mitigation.get("name") in SAMPLING_MITIGATIONS:
+                extra["mitigation"], extra["report"] = mitigation, report
         seeds = [seed + i for i in indices]
         images = module.generate(seeds, sampler=sampler, steps=steps, use_ema=use_ema, **extra)
         for i, image in zip(indices, images.numpy(), strict=True):
             save_image(image, folder / image_name(i))
         bar.update(len(indices))
+        if report:
+            write_mitigation_report(folder, report)
     bar.close()
     return folder
+
+
+def write_mitigation_report(folder: Path, report: list[dict]) -> None:
+    """`mitigation_report.json`: what the prompt-embedding mitigation reached per prompt and batch of seeds,
+    merged with what an earlier (interrupted) run of the folder wrote."""
+    path = folder / "mitigation_report.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else []
+    seen = {tuple(entry["seeds"]) for entry in report}
+    merged = [entry for entry in earlier if tuple(entry["seeds"]) not in seen] + report
+    path.write_text(json.dumps(merged, indent=1))
 
 
 DIFFUSION_MODULES = ("DDPMModule", "Text2ImageModule")

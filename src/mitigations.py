@@ -261,10 +261,15 @@ def _unchanged_prompt(prompt: str, rng: np.random.Generator, repeats: int, token
     return prompt
 
 
+SAMPLING_MITIGATIONS = ("prompt_embedding", "delayed_guidance", "attention_rescale")  # inside `generate`
 INFERENCE_MITIGATIONS = {
     "none": _unchanged_prompt,
-    # GNI changes the prompt embeddings (noise_guidance_embeddings), not the prompt text.
+    # GNI changes the prompt embeddings (noise_guidance_embeddings), not the prompt text; the three newer
+    # mitigations act inside sampling (docs/detection.md#inference-time-mitigations): `Text2ImageModule.generate`.
     "gni": _unchanged_prompt,
+    "prompt_embedding": _unchanged_prompt,
+    "delayed_guidance": _unchanged_prompt,
+    "attention_rescale": _unchanged_prompt,
     "rt": lambda prompt, rng, repeats, tokenizer: add_random_tokens(
         prompt, rng, repeats, tokenizer or clip_tokenizer()
     ),
@@ -291,3 +296,58 @@ def apply_inference_mitigation(
     if repeats < 0:
         raise ValueError(f"inference-time mitigation '{name}': repeats={repeats} must be >= 0")
     return INFERENCE_MITIGATIONS[name](prompt, rng, repeats, tokenizer)
+
+
+# ---------------------------------- mitigations inside sampling (docs/detection.md#inference-time-mitigations)
+
+
+def delayed_guidance_scale(t, scale: float, before: float = 0.0, transition: int = 500) -> float:
+    """Jain et al. (CVPR 2025), static transition: guidance `before` while the timestep t > `transition`, then
+    the normal `scale` (their README: 0 before and t = 500 on SD 2.1; -2 and 650 for opposite guidance)."""
+    return before if int(t) > transition else scale
+
+
+def optimize_prompt_embeddings(
+    loss_fn,
+    cond: torch.Tensor,
+    groups: list[list[int]],
+    lr: float = 0.05,
+    max_steps: int = 10,
+    target_loss: float = 3.0,
+) -> tuple[torch.Tensor, list[dict]]:
+    """Wen et al. (ICLR 2024): per group of rows (the generations of one prompt), AdamW steps (lr, PyTorch's
+    default weight decay 0.01) on their shared conditional embedding cond[group[0]] (L, D) until
+    `loss_fn(embedding (1, L, D), rows) -> scalar` (the joint ||ε_c - ε_u||₂ of the group's x_T at the first
+    timestep) is at most `target_loss`, for at most `max_steps` steps; the start token's embedding (position 0) is
+    not changed. The loss is checked before each step, as in their code.
+
+    Returns the new cond (rows of a group share its embedding) and per group {rows, initial_loss, final_loss,
+    steps, reached}: a prompt whose target was not reached in the budget says how far it got."""
+    new = cond.clone()
+    report = []
+    for rows in groups:
+        embedding = cond[rows[0] : rows[0] + 1].detach().clone().float().requires_grad_(True)
+        optimizer = torch.optim.AdamW([embedding], lr=lr)
+        losses, steps = [], 0
+        with torch.enable_grad():
+            while True:
+                loss = loss_fn(embedding.to(cond.dtype), rows)
+                losses.append(float(loss.detach()))
+                if losses[-1] <= target_loss or steps == max_steps:
+                    break
+                (grad,) = torch.autograd.grad(loss, embedding)
+                grad[:, 0] = 0  # the start token stays as it is
+                embedding.grad = grad
+                optimizer.step()
+                steps += 1
+        new[rows] = embedding.detach().to(cond.dtype).expand(len(rows), -1, -1)
+        report.append(
+            {
+                "rows": list(rows),
+                "initial_loss": losses[0],
+                "final_loss": losses[-1],
+                "steps": steps,
+                "reached": losses[-1] <= target_loss,
+            }
+        )
+    return new, report

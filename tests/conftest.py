@@ -20,6 +20,11 @@ TINY_BENCH = {"seed": 0, "image_size": 48, "images_per_style": 6}
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers: one torch thread each (and in the entry points they start), so
+    # the two do not fight over the cores with OpenMP threads waiting for descheduled peers
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -294,3 +294,26 @@ def ddpm_run_dir(tmp_path, data_dir):
     trainer.strategy.connect(module)
     trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
     return run
+
+
+def test_the_aggregate_tables_every_training_arm_and_inference_mitigation(tmp_path):
+    aggregate = load_script(ROOT / "experiments" / "extraction" / "aggregate.py", "extraction_aggregate")
+    run = tmp_path / "0"
+    (run / "attacks" / "extraction").mkdir(parents=True)
+    (run / "attacks" / "extraction_rna").mkdir()
+    (run / "attacks" / "loss").mkdir()
+    (run / "config_resolved.yaml").write_text("mitigation: {name: mc}\ndata: {subset_size: 20}\n")
+    for folder, flagged in (("extraction", 3), ("extraction_rna", 1)):
+        report = {
+            "num_groups": 20,
+            "groups_with_a_copy": 5,
+            "thresholds": {"0.1": {"flagged": flagged, "precision": 1.0, "unique_extracted": flagged}},
+        }
+        (run / "attacks" / folder / "report.json").write_text(json.dumps(report))
+    summary = {"loss@t=50": {"auc": 0.7}, "loss@t=100": {"auc": 0.9}}
+    (run / "attacks" / "loss" / "membership.json").write_text(json.dumps({"summary": summary}))
+    rows = aggregate.mitigation_rows([run])
+    assert [(r["train_mitigation"], r["inference_mitigation"]) for r in rows] == [("mc", "none"), ("mc", "rna")]
+    assert rows[0]["extracted@0.1"] == 3 and rows[1]["extracted@0.1"] == 1
+    assert rows[0]["loss_auc"] == 0.9 and rows[0]["loss_best_t"] == "100" and "loss_auc" not in rows[1]
+    aggregate.draw_mitigations(rows, ["0.1"])

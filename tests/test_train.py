@@ -87,6 +87,7 @@ def test_unknown_experiment_lists_the_valid_ones():
         ("ddpm_celebahq", "+sweep=ddpm_celebahq_subsets", "params"),
         ("ddpm_quickstart", "+sweep=extraction_subsets", "params"),
         ("ddpm_quickstart", "+sweep=extraction_architecture", "params"),
+        ("ddpm_celebahq", "+sweep=extraction_architecture_celebahq", "params"),
         ("t2i_mitigations", "+sweep=extraction_mitigations", "params"),
     ],
 )

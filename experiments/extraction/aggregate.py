@@ -13,7 +13,10 @@ model size, then training subset size. Written to OUT (default: the first folder
 - heatmap.png (when the runs span several model sizes and subset sizes): extracted images and the best
   membership AUC per (model size, subset size);
 - study_gallery.png: per run, the closest flagged candidates of both extraction attacks (one per extracted training
-  image) beside their nearest training image.
+  image) beside their nearest training image;
+- mitigations.csv / .md / .png (text-to-image runs): per training arm and inference mitigation, the prompts whose
+  generations hold a copy, flagged prompts, precision and training images extracted at each edge threshold, and
+  the arm's membership AUC.
 """
 
 import math
@@ -156,9 +159,15 @@ def draw_heatmap(rows: list[dict]):
     params = sorted({r["params"] for r in rows})
     sizes = sorted({r["subset_size"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(9, 0.6 * len(params) + 2.2))
-    for ax, title, value in (
-        (axes[0], "training images extracted (adaptive)", lambda r: r.get("adaptive_unique", math.nan)),
-        (axes[1], "best membership AUC", best_auc),
+    shapes = {r["params"]: f"{r['params'] / 1e6:.2f}M (w{r['width']}, d{r['depth']})" for r in rows}
+    for ax, title, value, text in (
+        (
+            axes[0],
+            "training images extracted (adaptive)",
+            lambda r: r.get("adaptive_unique", math.nan),
+            lambda v, size: "-" if np.isnan(v) else f"{int(v)} of {size}",
+        ),
+        (axes[1], "best membership AUC", best_auc, lambda v, size: "-" if np.isnan(v) else f"{v:.2f}"),
     ):
         grid = np.full((len(params), len(sizes)), np.nan)
         for r in rows:
@@ -166,9 +175,9 @@ def draw_heatmap(rows: list[dict]):
         image = ax.imshow(grid, cmap="viridis", aspect="auto")
         for i in range(len(params)):
             for j in range(len(sizes)):
-                ax.text(j, i, study.format_cell(grid[i, j]), ha="center", va="center", color="w", fontsize=8)
+                ax.text(j, i, text(grid[i, j], sizes[j]), ha="center", va="center", color="w", fontsize=8)
         ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
-        ax.set_yticks(range(len(params)), [f"{p / 1e6:.2f}M" for p in params])
+        ax.set_yticks(range(len(params)), [shapes[p] for p in params])
         ax.set(xlabel="training images", ylabel="UNet parameters", title=title)
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
@@ -217,6 +226,61 @@ def draw_study_gallery(runs: list[Path], rows: list[dict], path: Path, per_attac
     return save_figure(fig, path)
 
 
+def mitigation_rows(runs: list[Path]) -> list[dict]:
+    """One row per (training arm, inference mitigation) of text-to-image runs: the training mitigation of the run
+    (`mitigation.name`), the inference mitigation of each extraction report (attacks/extraction_<name>), prompts
+    attacked and prompts whose generations hold a copy (within δ), and per edge threshold the flagged prompts,
+    precision and distinct training images extracted; membership AUC (loss at its best timestep, PIAN) on the
+    `none` row of each arm."""
+    rows = []
+    for run in runs:
+        cfg = yaml.safe_load((run / "config_resolved.yaml").read_text())
+        arm = (cfg.get("mitigation") or {}).get("name")
+        if arm is None:
+            continue
+        for folder in sorted((run / "attacks").glob("extraction*")):
+            report = read_json(folder / "report.json")
+            if not report:
+                continue
+            inference = folder.name.partition("_")[2] or "none"
+            row = {
+                "train_mitigation": arm,
+                "inference_mitigation": inference,
+                "prompts": report.get("num_groups"),
+                "prompts_with_a_copy": report.get("groups_with_a_copy"),
+            }
+            for threshold, entry in report.get("thresholds", {}).items():
+                row[f"flagged@{threshold}"] = entry["flagged"]
+                row[f"precision@{threshold}"] = entry["precision"]
+                row[f"extracted@{threshold}"] = entry["unique_extracted"]
+            if inference == "none":
+                for attack in MEMBERSHIP:
+                    record = read_json(run / "attacks" / attack / "membership.json")
+                    aucs = {k: v["auc"] for k, v in record.get("summary", {}).items()}
+                    if aucs:
+                        best = max(aucs, key=aucs.get)
+                        row[f"{attack}_auc"] = aucs[best]
+                        if attack == "loss":
+                            row["loss_best_t"] = best.partition("=")[2]
+            rows.append(row)
+    return rows
+
+
+def draw_mitigations(rows: list[dict], thresholds: list[str]):
+    """Distinct training images extracted per (training arm, inference mitigation), one bar per edge threshold."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows) + 2), 3.6))
+    labels = [f"{r['train_mitigation']} / {r['inference_mitigation']}" for r in rows]
+    width = 0.8 / max(len(thresholds), 1)
+    for i, threshold in enumerate(thresholds):
+        values = [r.get(f"extracted@{threshold}", math.nan) for r in rows]
+        ax.bar(np.arange(len(rows)) + i * width, values, width, label=f"edge threshold {threshold}")
+    ax.set_xticks(np.arange(len(rows)) + width * (len(thresholds) - 1) / 2, labels, rotation=30, ha="right")
+    ax.set(ylabel="training images extracted", title="training mitigation / inference mitigation")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def aggregate(folders, out: Path) -> list[dict]:
     runs = study.find_runs(
         folders, "train with callbacks.attacks.names=[...] (conf/sweep/extraction_*.yaml)", "attacks/*"
@@ -238,6 +302,15 @@ def aggregate(folders, out: Path) -> list[dict]:
     if len({r["params"] for r in rows}) > 1 and len({r["subset_size"] for r in rows}) > 1:
         save_figure(draw_heatmap(rows), out / "heatmap.png")
     draw_study_gallery(runs, rows, out / "study_gallery.png")
+    arms = mitigation_rows(runs)
+    if arms:
+        columns = columns_of(arms)
+        study.write_csv(arms, out / "mitigations.csv", columns)
+        table = study.markdown_table(arms, columns)
+        (out / "mitigations.md").write_text(table + "\n")
+        print(table)
+        found = sorted({k.partition("@")[2] for k in columns if k.startswith("extracted@")}, key=float)
+        save_figure(draw_mitigations(arms, found), out / "mitigations.png")
     return rows
 
 

@@ -16,17 +16,29 @@ trained from scratch; DCR fine-tunes SD, which already has it, with no dropout).
 `guidance_scale`, optional embedding noise (GNI, docs/memorization.md#inference-time-mitigations).
 """
 
+import contextlib
+import logging
 from pathlib import Path
 
 import lightning as L
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from src.mitigations import noise_guidance_embeddings, noise_text_embeddings
+from src.detection import end_token_positions, guided_pass
+from src.mitigations import (
+    SAMPLING_MITIGATIONS,
+    delayed_guidance_scale,
+    noise_guidance_embeddings,
+    noise_text_embeddings,
+    optimize_prompt_embeddings,
+)
 from src.models import diffusion as shared  # what the two diffusion modules share
-from src.nn.diffusion import build_noise_scheduler, denoising_loss
+from src.nn.attention import cross_attention
+from src.nn.diffusion import build_noise_scheduler, build_sampler, check_choice, denoising_loss, initial_noise
 from src.nn.text_encoders import build_text_encoder
 from src.utils.checkpoints import record_module_class
+
+log = logging.getLogger(__name__)
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 FROZEN_PRETRAINED = ("vae.", "text_encoder.")  # state-dict prefixes of the frozen Stable Diffusion parts
@@ -169,10 +181,15 @@ class Text2ImageModule(L.LightningModule):
         guidance_scale: float | None = None,
         embedding_noise: float = 0.0,
         noise_uncond: bool = True,
+        mitigation: dict | None = None,
+        report: list | None = None,
     ) -> torch.Tensor:
         """One image per (seed, prompt), uint8 (B, H, W, C) on the CPU. embedding_noise: GNI λ
         (docs/memorization.md#inference-time-mitigations), drawn per image from its seed; DCR noises both the
-        conditional and the unconditional embedding (`noise_uncond=True`)."""
+        conditional and the unconditional embedding (`noise_uncond=True`). mitigation: one of the mitigations that
+        act inside sampling (docs/detection.md#inference-time-mitigations), {name: prompt_embedding |
+        delayed_guidance | attention_rescale, its options}; `report` (a list) receives what prompt_embedding
+        reached per prompt."""
         if prompts is None or len(prompts) != len(seeds):
             raise ValueError(
                 f"generate needs one prompt per seed; got {len(seeds)} seeds and "
@@ -181,22 +198,98 @@ class Text2ImageModule(L.LightningModule):
         network = shared.sampling_network(self, use_ema)
         hp = self.hparams
         scale = hp.guidance_scale if guidance_scale is None else guidance_scale
+        mitigation = dict(mitigation or {"name": "none"})
+        name = mitigation.pop("name", "none")
+        check_choice("inference mitigation", name, ("none", *SAMPLING_MITIGATIONS))
+        sampler, steps = sampler or hp.sampler, steps or hp.sample_steps
         cond = self.encode_prompts(prompts)
         uncond = self.empty_prompt().expand_as(cond)
         uncond, cond = noise_guidance_embeddings(uncond, cond, embedding_noise, seeds, noise_uncond)
+        channels, size = self.unet.config.in_channels, self.latent_size()
+        shape = (len(seeds), channels, size, size)
+        if name == "prompt_embedding":
+            cond = self.optimized_prompts(
+                network, cond, uncond, prompts, seeds, shape, sampler, steps, mitigation, report
+            )
+        probe = {}
+        if name == "attention_rescale":
+            probe = self.attention_rescale(prompts, **mitigation)
 
         def denoise(x, t):
-            if scale == 1.0:
+            w = scale
+            if name == "delayed_guidance":
+                w = delayed_guidance_scale(t, scale, **mitigation)
+            if w == 1.0 and not probe:
                 return network(x, t, encoder_hidden_states=cond).sample
             both = network(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
             unconditional, conditional = both.chunk(2)
-            return unconditional + scale * (conditional - unconditional)
+            return unconditional + w * (conditional - unconditional)
 
-        channels, size = self.unet.config.in_channels, self.latent_size()
-        shape = (len(seeds), channels, size, size)
-        return shared.sample_images(
-            self, network, denoise, shape, seeds, sampler, steps, decode=self.decode_latents
-        )
+        with cross_attention(network, **probe) if probe else contextlib.nullcontext():
+            return shared.sample_images(
+                self, network, denoise, shape, seeds, sampler, steps, decode=self.decode_latents
+            )
+
+    def attention_rescale(
+        self, prompts: list[str], start_scale: float = 1.25, mask_padding: bool = True
+    ) -> dict:
+        """Ren et al.'s re-weighting (docs/detection.md#inference-time-mitigations), as `cross_attention` options
+        for the batch [unconditional; conditional]: the start token's logit times `start_scale` on the conditional
+        rows, and, with `mask_padding`, the positions after each prompt's first end token left out of the softmax
+        in both halves."""
+        keep = None
+        if mask_padding:
+            ids = self.text_encoder.tokenize(prompts)
+            end = end_token_positions(ids, self.text_encoder.end_token_id)
+            keep = torch.arange(ids.shape[1])[None, :] <= end[:, None]
+            keep = torch.cat([keep, keep])
+        conditional = torch.cat([torch.zeros(len(prompts)), torch.ones(len(prompts))]).bool()
+        return {"start_scale": start_scale, "conditional": conditional, "keep": keep}
+
+    def optimized_prompts(
+        self, network, cond, uncond, prompts, seeds, shape, sampler, steps, options: dict, report: list | None
+    ) -> torch.Tensor:
+        """Wen et al.'s mitigation (`src.mitigations.optimize_prompt_embeddings`): the conditional embedding of
+        each prompt of the batch optimised on its generations' x_T at the first sampling timestep; what each
+        reached is appended to `report` (with its prompt), and a warning names the prompts that missed the
+        target."""
+        schedule = build_sampler(sampler, self.noise_scheduler)
+        schedule.set_timesteps(steps, device=self.device)
+        t = schedule.timesteps[0]
+        x = initial_noise(shape, seeds, self.device) * schedule.init_noise_sigma
+        x = schedule.scale_model_input(x, t)
+
+        def loss(embedding, rows):
+            eps_u, eps_c = guided_pass(network, x[rows], t, embedding.expand(len(rows), -1, -1), uncond[rows])
+            return (eps_c - eps_u).float().norm()
+
+        groups: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(prompt, []).append(i)
+        was_training = network.training
+        network.eval()
+        try:
+            cond, reached = optimize_prompt_embeddings(loss, cond, list(groups.values()), **options)
+        finally:
+            network.train(was_training)
+        missed = [entry for entry in reached if not entry["reached"]]
+        for entry in reached:
+            entry["prompt"] = prompts[entry["rows"][0]]
+            entry["seeds"] = [seeds[i] for i in entry.pop("rows")]
+        if missed:
+            log.warning(
+                "prompt_embedding: %d of %d prompt(s) stayed above target_loss=%s after %d steps (e.g. %r: %.3g -> %.3g)",
+                len(missed),
+                len(reached),
+                options.get("target_loss", 3.0),
+                missed[0]["steps"],
+                missed[0]["prompt"],
+                missed[0]["initial_loss"],
+                missed[0]["final_loss"],
+            )
+        if report is not None:
+            report.extend(reached)
+        return cond
 
     @torch.no_grad()
     def decode_latents(self, x: torch.Tensor) -> torch.Tensor:

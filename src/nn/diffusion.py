@@ -122,6 +122,18 @@ def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
 
+def initial_noise(
+    shape: tuple, seeds: list[int], device, dtype=torch.float32, generators=None
+) -> torch.Tensor:
+    """x_T ~ N(0, I) of shape (B, ...), row i drawn on the CPU from a generator seeded with seeds[i] (the noise
+    `sample_loop` starts from, before the sampler's `init_noise_sigma`), or from `generators[i]` when given (they
+    then go on to draw the sampler's noise)."""
+    if len(seeds) != shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]} images")
+    generators = generators or seeded_generators(seeds)
+    return randn_tensor(shape, generator=generators, device=torch.device(device), dtype=dtype)
+
+
 @torch.no_grad()
 def sample_loop(
     denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -140,11 +152,8 @@ def sample_loop(
     network there for classifier-free guidance or conditioning. `sampler.set_timesteps(steps)` picks the timesteps
     (DDPM uses all 1,000 when steps equals the training length).
     """
-    if len(seeds) != shape[0]:
-        raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]} images")
     generators = seeded_generators(seeds)
-    x = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=dtype)
-    x = x * sampler.init_noise_sigma
+    x = initial_noise(shape, seeds, device, dtype, generators) * sampler.init_noise_sigma
     sampler.set_timesteps(steps, device=device)
     for t in tqdm(sampler.timesteps, desc="denoising", unit="step", leave=False, disable=not progress):
         model_input = sampler.scale_model_input(x, t)

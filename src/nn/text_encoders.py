@@ -1,6 +1,7 @@
 """Frozen text encoders for text-conditional diffusion: captions -> per-token hidden states (B, L, D).
 
-Three sources, one interface (`tokenize(list[str]) -> (B, L) ids`, `forward(ids) -> (B, L, D)`, `.dim`):
+Three sources, one interface (`tokenize(list[str]) -> (B, L) ids`, `forward(ids) -> (B, L, D)`, `.dim`,
+`.end_token_id`):
 
 - `open_clip` with `model_name=None`: a small randomly initialised CLIP text transformer on open_clip's CLIP BPE
   tokenizer (shipped with the package, so CPU runs and tests need no download); frozen, for the CPU quick trials.
@@ -56,6 +57,15 @@ class OpenCLIPTextEncoder(nn.Module):
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer(list(captions), context_length=self.context_length)
 
+    @property
+    def end_token_id(self) -> int:
+        return self.tokenizer.eot_token_id
+
+    def too_long(self, captions: list[str]) -> list[int]:
+        """Indices of the captions that `tokenize` cuts (more tokens than the context length with its start and
+        end tokens)."""
+        return [i for i, c in enumerate(captions) if len(self.tokenizer.encode(c)) + 2 > self.context_length]
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         _, tokens = self.text(ids)
         return tokens  # (B, L, D)
@@ -95,6 +105,15 @@ class StableDiffusionTextEncoder(nn.Module):
             list(captions), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
         )
         return tokens.input_ids
+
+    @property
+    def end_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def too_long(self, captions: list[str]) -> list[int]:
+        """Indices of the captions that `tokenize` cuts to the tokenizer's `model_max_length`."""
+        limit = self.tokenizer.model_max_length
+        return [i for i, ids in enumerate(self.tokenizer(list(captions)).input_ids) if len(ids) > limit]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids).last_hidden_state

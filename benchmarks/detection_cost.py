@@ -1,0 +1,121 @@
+"""Benchmark: what each detector of memorized prompts (docs/detection.md) costs per prompt, against one full
+generation of that prompt, and what each mitigation that acts inside sampling adds per image, against plain
+sampling.
+
+The module is `Text2ImageModule` as conf/model/text2img.yaml builds it with `model/cond_unet=tiny` (further Hydra
+overrides on the command line) and seeded random weights: the timings do not depend on what it learned. The
+prompts are the embedded captioned faces' captions (`caption_lists` of benchmarks/harness.py).
+
+- Detectors, with the options of conf/detect.yaml (the papers' defaults) and the cheap settings: the time to
+  score `--prompts` prompts, divided by their number, against the time to generate one image of one prompt with
+  the model's own sampler and steps (`Text2ImageModule.generate`, batch of one).
+- Mitigations (`prompt_embedding`, `delayed_guidance`, `attention_rescale`, conf/inference_mitigation/): the time
+  to generate a batch of `--prompts` images with the mitigation, against the same batch without, per image.
+
+Each time is the median over `--repeats` calls after one untimed call.
+
+    python -m benchmarks.detection_cost --threads 1     # tiny conditional UNet, 32 px
+    python -m benchmarks.detection_cost --device cuda --image-size 64
+"""
+
+import time
+
+import torch
+
+from benchmarks.harness import (
+    argument_parser,
+    build_model,
+    caption_lists,
+    check_positive,
+    load_config,
+    print_table,
+    setup,
+)
+from src.detect import unet_scores
+from src.mitigations import SAMPLING_MITIGATIONS
+
+DETECT_DEFAULTS = {
+    "noise_norm": {"generations": 4, "steps": 50, "scored_steps": None},
+    "noise_norm (cheap)": {"generations": 1, "steps": 50, "scored_steps": 1},
+    "attention_entropy": {"generations": 1, "steps": 50, "mode": "first", "layers": None, "last_steps": 10},
+    "attention_entropy (mode last)": {"generations": 1, "steps": 50, "mode": "last", "last_steps": 10},
+    "score_anisotropy": {
+        "generations": 1,
+        "steps": 50,
+        "angle_index": -3,
+        "norm_weight": 1.0,
+        "angle_weight": 2.0,
+    },
+}
+
+
+def median_seconds(function, repeats: int, device) -> float:
+    """Median wall seconds of `function()` over `repeats` calls after one untimed call (CUDA synchronised)."""
+    function()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None) -> dict:
+    parser = argument_parser(__doc__, overrides="model.guidance_scale=7.5")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=8, help="prompts scored / images generated per call")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    check_positive(parser, args, ("image_size", "prompts", "repeats"))
+    threads = setup(args)
+    device = torch.device(args.device)
+    module = build_model(
+        "text2img", ["model/cond_unet=tiny", f"data.image_size={args.image_size}", *args.overrides], args.seed
+    ).to(device)
+    module.eval()
+    prompts = [captions[0] for captions in caption_lists(args.prompts, args.seed)]
+    print(
+        f"Detectors and sampling mitigations: Text2ImageModule at {args.image_size} px, {args.prompts} prompts, "
+        f"device {args.device}, {threads}; a generation: {module.hparams.sampler}-{module.hparams.sample_steps}",
+        flush=True,
+    )
+    generation = median_seconds(lambda: module.generate([0], prompts[:1]), args.repeats, device)
+    rows = []
+    for label, options in DETECT_DEFAULTS.items():
+        name = label.split(" ")[0]
+        seconds = median_seconds(
+            lambda name=name, options=options: unet_scores(module, name, prompts, options, 0, 64, True),
+            args.repeats,
+            device,
+        )
+        per_prompt = seconds / len(prompts)
+        rows.append({"what": label, "ms": 1e3 * per_prompt, "ratio": per_prompt / generation})
+    seeds = list(range(len(prompts)))
+    plain = median_seconds(lambda: module.generate(seeds, prompts), args.repeats, device)
+    rows.append({"what": "plain sampling (per image)", "ms": 1e3 * plain / len(prompts), "ratio": 1.0})
+    for name in SAMPLING_MITIGATIONS:
+        options = load_config("inference_mitigation", name)
+        seconds = median_seconds(
+            lambda options=options: module.generate(seeds, prompts, mitigation=options), args.repeats, device
+        )
+        rows.append(
+            {
+                "what": f"mitigation {name} (per image)",
+                "ms": 1e3 * seconds / len(prompts),
+                "ratio": seconds / plain,
+            }
+        )
+    print(f"\nOne generation of one prompt: {1e3 * generation:.1f} ms (median of {args.repeats})")
+    print(
+        "Detectors: ms per prompt and ratio to one generation; mitigations: ms per image and ratio to plain sampling"
+    )
+    print_table(rows, [("what", "what", ""), ("ms", "ms", ".1f"), ("ratio", "ratio", ".3f")])
+    return {"generation_ms": 1e3 * generation, "rows": rows}
+
+
+if __name__ == "__main__":
+    main()
