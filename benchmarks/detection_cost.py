@@ -69,8 +69,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=8, help="prompts scored / images generated per call")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=50, help="the detectors' sampling schedule (papers: 50)")
     args = parser.parse_args(argv)
-    check_positive(parser, args, ("image_size", "prompts", "repeats"))
+    check_positive(parser, args, ("image_size", "prompts", "repeats", "steps"))
     threads = setup(args)
     device = torch.device(args.device)
     module = build_model(
@@ -87,6 +88,7 @@ def main(argv=None) -> dict:
     rows = []
     for label, options in DETECT_DEFAULTS.items():
         name = label.split(" ")[0]
+        options = {**options, "steps": args.steps}
         seconds = median_seconds(
             lambda name=name, options=options: unet_scores(module, name, prompts, options, 0, 64, True),
             args.repeats,

@@ -78,13 +78,11 @@ def features_of(extractor, images: list[Image.Image], device, batch_size: int = 
     return torch.cat(out)
 
 
-def detection_prompts(source, ckpt_path: str) -> dict:
+def detection_prompts(source, datamodule) -> dict:
     """{prompts, sources (index of the training image, -1 for the others), train (N, 3, H, W) in [-1, 1] as the
     model saw them}: `source` "training" (every training image's prompt, then every held-out image's, when the
-    run holds some out) or a .txt / .json file of prompts (duplicates dropped)."""
-    datamodule = run_datamodule(
-        run_dir_of(ckpt_path), "src.detect", "give the folder of a text-to-image `python -m src.train` run"
-    )
+    run holds some out) or a .txt / .json file of prompts (duplicates dropped); `datamodule` is the training
+    run's, set up."""
     train_paths = datamodule.train_files
     train = load_images(datamodule.root, train_paths, datamodule.image_transform(), "training images")
     if source == "training":
@@ -310,19 +308,17 @@ def one_generation_seconds(module, prompt: str, steps, repeats: int = 2) -> floa
     return best
 
 
-def detect(cfg: DictConfig) -> dict:
-    output_dir = Path(cfg.paths.output_dir)
-    claim_run_dir(output_dir)
-    print_config_tree(cfg, save_to=output_dir / "config_resolved.yaml")
-    ckpt_path = find_resume_checkpoint(cfg.ckpt_path)
-    if ckpt_path is None:
-        raise ValueError("ckpt_path is required: a .ckpt inside a training run folder, or the run folder")
-    device = resolve_device(cfg.device)
-    module = load_module(ckpt_path, device)
-    names = list(cfg.detectors)
+def detect_module(module, datamodule, settings: dict, out_dir, samples_dir, extractor, device) -> dict:
+    """Score the prompts of `settings["prompts"]` with each detector of `settings["detectors"]` on a loaded
+    text-to-image module and its training run's datamodule, measure the ground truth, and write the report to
+    `out_dir` (the generations go to folders in `samples_dir`). `settings`: the keys of conf/detect.yaml below
+    `detectors`. What `python -m src.detect` and the end-of-training callback share."""
+    out_dir, samples_dir = Path(out_dir), Path(samples_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names, options = list(settings["detectors"]), settings["options"]
+    seed, batch_size = int(settings["seed"]), int(settings["batch_size"])
     check_detectors(module, names)
-    options = OmegaConf.to_container(cfg.options, resolve=True)
-    found = detection_prompts(cfg.prompts, ckpt_path)
+    found = detection_prompts(settings["prompts"], datamodule)
     prompts, sources = found["prompts"], found["sources"]
     cut = module.text_encoder.too_long(prompts)
     if cut:
@@ -332,16 +328,15 @@ def detect(cfg: DictConfig) -> dict:
             len(prompts),
             prompts[cut[0]],
         )
-    samples = run_dir_of(ckpt_path) / "samples"
     truth = options["truth"]
     shares, _ = copy_shares(
         module,
         prompts,
         sources,
         found["train"],
-        instantiate(cfg.extractor),
-        {**truth, "batch_size": cfg.batch_size},
-        samples / f"detect_truth_seed{truth['seed']}",
+        extractor,
+        {**truth, "batch_size": batch_size},
+        samples_dir / f"detect_truth_seed{truth['seed']}",
         device,
     )
     memorized = shares >= float(truth["memorized_share"])
@@ -350,11 +345,11 @@ def detect(cfg: DictConfig) -> dict:
     for name in names:
         start = time.perf_counter()
         if name == "generation_similarity":
-            folder = samples / f"detect_similarity_seed{cfg.seed}"
-            scores[name] = similarity_scores(module, prompts, options[name], cfg.seed, folder, cfg.batch_size)
+            folder = samples_dir / f"detect_similarity_seed{seed}"
+            scores[name] = similarity_scores(module, prompts, options[name], seed, folder, batch_size)
         else:
             scores[name] = unet_scores(
-                module, name, prompts, options[name], cfg.seed, cfg.batch_size, cfg.use_ema
+                module, name, prompts, options[name], seed, batch_size, settings["use_ema"]
             )
         per_prompt = (time.perf_counter() - start) / len(prompts)
         costs[name] = {"ms_per_prompt": 1000 * per_prompt, "ratio": per_prompt / generation}
@@ -364,21 +359,42 @@ def detect(cfg: DictConfig) -> dict:
             1000 * per_prompt,
             per_prompt / generation,
         )
-    table = detector_table(scores, shares, memorized, costs, int(cfg.bootstrap))
-    write_report(output_dir, prompts, sources, shares, memorized, scores, table, int(truth["generations"]))
+    table = detector_table(scores, shares, memorized, costs, int(settings["bootstrap"]))
+    write_report(out_dir, prompts, sources, shares, memorized, scores, table, int(truth["generations"]))
     summary = {
         "num_prompts": len(prompts),
         "num_memorized": int(memorized.sum()),
         "generation_seconds": generation,
-        "checkpoint": str(Path(ckpt_path).resolve()),
         **{
             f"{name}/{k}": v for name, row in table.items() for k, v in row.items() if not isinstance(v, list)
         },
     }
-    save_metrics(summary, output_dir / "metrics.json")
-    log_report_to_wandb(output_dir, summary, prefix="detect", table="scores.csv")
-    log.info("Detection: %d of %d prompts memorized; report in %s", memorized.sum(), len(prompts), output_dir)
+    log.info("Detection: %d of %d prompts memorized; report in %s", memorized.sum(), len(prompts), out_dir)
     return {"summary": summary, "table": table, "shares": shares, "scores": scores}
+
+
+def detect(cfg: DictConfig) -> dict:
+    output_dir = Path(cfg.paths.output_dir)
+    claim_run_dir(output_dir)
+    print_config_tree(cfg, save_to=output_dir / "config_resolved.yaml")
+    ckpt_path = find_resume_checkpoint(cfg.ckpt_path)
+    if ckpt_path is None:
+        raise ValueError("ckpt_path is required: a .ckpt inside a training run folder, or the run folder")
+    device = resolve_device(cfg.device)
+    module = load_module(ckpt_path, device)
+    check_detectors(module, list(cfg.detectors))
+    run_dir = run_dir_of(ckpt_path)
+    datamodule = run_datamodule(
+        run_dir, "src.detect", "give the folder of a text-to-image `python -m src.train` run"
+    )
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    result = detect_module(
+        module, datamodule, settings, output_dir, run_dir / "samples", instantiate(cfg.extractor), device
+    )
+    result["summary"]["checkpoint"] = str(Path(ckpt_path).resolve())
+    save_metrics(result["summary"], output_dir / "metrics.json")
+    log_report_to_wandb(output_dir, result["summary"], prefix="detect", table="scores.csv")
+    return result
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="detect.yaml")

@@ -452,3 +452,24 @@ def attacked_run(data_dir, tmp_path_factory) -> TinyRun:
     ]
     run_dir = tmp_path_factory.mktemp("attacked") / "study" / "0"
     return TinyRun(run_dir, train(compose_config("train.yaml", overrides, run_dir)), "ddpm")
+
+
+@pytest.fixture(scope="session")
+def detected_run(data_dir, tmp_path_factory) -> TinyRun:
+    """A tiny text-to-image run that ends with two detectors of memorized prompts (src/callbacks/detection.py),
+    trained once per session."""
+    from src.train import train
+
+    settings = (
+        "{bootstrap: 0, options: {truth: {generations: 2, steps: 2}, noise_norm: {steps: 2, generations: 1},"
+        " score_anisotropy: {steps: 4}}}"
+    )
+    overrides = [
+        "experiment=t2i_quickstart",
+        *tiny_text2img_overrides(data_dir),
+        "callbacks.replication=null",
+        "callbacks.detect.detectors=[noise_norm,score_anisotropy]",
+        f"callbacks.detect.settings={settings}",
+    ]
+    run_dir = tmp_path_factory.mktemp("detected")
+    return TinyRun(run_dir, train(compose_config("train.yaml", overrides, run_dir)), "t2i")

@@ -98,3 +98,16 @@ def test_membership_throughput_benchmark_table(capsys, quiet_cpu):
 def test_membership_throughput_rejects_bad_sizes():
     with pytest.raises(SystemExit):
         membership_throughput.parse_args(["--images", "0"])
+
+
+# ---- detection cost --------------------------------------------------------------------------------------
+def test_detection_cost_benchmark_table(capsys, quiet_cpu):
+    from benchmarks import detection_cost
+
+    tiny = ["--threads", "1", "--prompts", "2", "--repeats", "1", "--steps", "3", "--image-size", "16"]
+    result = detection_cost.main([*tiny, "model.sample_steps=2"])
+    names = [row["what"] for row in result["rows"]]
+    assert names[:5] == list(detection_cost.DETECT_DEFAULTS)
+    assert names[5] == "plain sampling (per image)" and len(names) == 9
+    assert all(row["ms"] > 0 and row["ratio"] > 0 for row in result["rows"])
+    assert "One generation of one prompt" in capsys.readouterr().out

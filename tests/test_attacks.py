@@ -313,7 +313,10 @@ def test_the_aggregate_tables_every_training_arm_and_inference_mitigation(tmp_pa
     summary = {"loss@t=50": {"auc": 0.7}, "loss@t=100": {"auc": 0.9}}
     (run / "attacks" / "loss" / "membership.json").write_text(json.dumps({"summary": summary}))
     rows = aggregate.mitigation_rows([run])
-    assert [(r["train_mitigation"], r["inference_mitigation"]) for r in rows] == [("mc", "none"), ("mc", "rna")]
+    assert [(r["train_mitigation"], r["inference_mitigation"]) for r in rows] == [
+        ("mc", "none"),
+        ("mc", "rna"),
+    ]
     assert rows[0]["extracted@0.1"] == 3 and rows[1]["extracted@0.1"] == 1
     assert rows[0]["loss_auc"] == 0.9 and rows[0]["loss_best_t"] == "100" and "loss_auc" not in rows[1]
     aggregate.draw_mitigations(rows, ["0.1"])

@@ -74,3 +74,17 @@ def test_unknown_detector_and_empty_prompt_file_are_refused(tiny_run, tmp_path):
     empty.write_text("\n")
     with pytest.raises(ValueError, match="prompts.txt"):
         detect(compose_config("detect.yaml", [f"ckpt_path={run}", f"prompts={empty}"], tmp_path / "b"))
+
+
+@pytest.mark.slow
+def test_a_training_run_ends_with_its_detectors(detected_run):
+    metrics = detected_run.metrics
+    assert metrics["detect/num_prompts"] == 8 and "detect/noise_norm/ms_per_prompt" in metrics
+    assert (detected_run.run_dir / "detection" / "scores.csv").is_file()
+
+
+def test_unknown_callback_settings_are_named():
+    from src.callbacks.detection import DetectAtEnd
+
+    with pytest.raises(ValueError, match="unknown keys \\['steps'\\]"):
+        DetectAtEnd(["noise_norm"], {"steps": 3})

@@ -171,3 +171,13 @@ def test_extraction_notebook_runs_on_a_tiny_attacked_run(attacked_run, monkeypat
     assert len(figures) >= 3 and "no heat map" in text
     tables = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert any("loss@t=10_auc" in t for t in tables)
+
+
+@pytest.mark.slow
+def test_memorization_detection_notebook_runs_on_a_tiny_detected_run(detected_run, monkeypatch):
+    report = detected_run.run_dir / "detection"
+    outputs, text, figures = run_notebook("memorization_detection.ipynb", monkeypatch, REPORT_DIR=report)
+    assert f"Report: {report}" in text and "8 prompts" in text
+    assert len(figures) == 2  # ROC and scatters, cost bars
+    tables = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert any("cost_vs_generation" in t for t in tables) and any("copy_share" in t for t in tables)
