@@ -18,8 +18,6 @@ Each time is the median over `--repeats` calls after one untimed call.
     python -m benchmarks.detection_cost --device cuda --image-size 64
 """
 
-import time
-
 import torch
 
 from benchmarks.harness import (
@@ -30,6 +28,7 @@ from benchmarks.harness import (
     load_config,
     print_table,
     setup,
+    time_calls,
 )
 from src.detect import unet_scores
 from src.mitigations import SAMPLING_MITIGATIONS
@@ -50,18 +49,8 @@ DETECT_DEFAULTS = {
 
 
 def median_seconds(function, repeats: int, device) -> float:
-    """Median wall seconds of `function()` over `repeats` calls after one untimed call (CUDA synchronised)."""
-    function()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    """Median wall seconds of `function()` over `repeats` calls after one untimed call (`time_calls`)."""
+    return time_calls(lambda draw: function(), repeats, device)[0] / 1e6
 
 
 def main(argv=None) -> dict:
