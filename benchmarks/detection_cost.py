@@ -30,7 +30,7 @@ from benchmarks.harness import (
     setup,
     time_calls,
 )
-from src.detect import unet_scores
+from src.detection.run import unet_scores
 from src.mitigations import SAMPLING_MITIGATIONS
 
 DETECT_DEFAULTS = {

@@ -15,7 +15,8 @@ each, written as the embedded captioned faces write them (`caption_lists` of ben
   PyTorch. In training the caption part runs in the DataLoader workers (num_workers 4 in conf/data),
   overlapping the step; with num_workers=0 it adds to it.
 - Inference-time (`INFERENCE_MITIGATIONS`: none, gni, rt, cwr, rna, options of
-  conf/inference_mitigation/*.yaml): the prompt text of one batch of B prompts (`mitigated_prompts`) and, for
+  conf/inference_mitigation/*.yaml; the mitigations that act inside sampling are benchmarked by
+  benchmarks/detection_cost.py): the prompt text of one batch of B prompts (`mitigated_prompts`) and, for
   gni, the per-image seeded noise on the (uncond, cond) embeddings that `Text2ImageModule.generate` draws
   (`noise_guidance_embeddings`). The ratio is to one classifier-free guidance denoising step (EMA UNet forward
   on 2B), of which a generation runs `sample_steps`.
@@ -53,6 +54,7 @@ from benchmarks.harness import (
 from src.generation import mitigated_prompts
 from src.mitigations import (
     INFERENCE_MITIGATIONS,
+    SAMPLING_MITIGATIONS,
     TRAIN_MITIGATIONS,
     apply_train_mitigation,
     clip_tokenizer,
@@ -144,7 +146,8 @@ def inference_mitigation_costs(
         [args.seed + i for i in range(len(prompts))],
     )  # (B, L, D), one per image
     rows = []
-    for name, options in mitigation_settings("inference_mitigation", INFERENCE_MITIGATIONS):
+    text_mitigations = [name for name in INFERENCE_MITIGATIONS if name not in SAMPLING_MITIGATIONS]
+    for name, options in mitigation_settings("inference_mitigation", text_mitigations):
         config = {"name": name, **options}
 
         def transform(draw, config=config):

@@ -267,14 +267,12 @@ INFERENCE_MITIGATIONS = {
     # GNI changes the prompt embeddings (noise_guidance_embeddings), not the prompt text; the three newer
     # mitigations act inside sampling (docs/detection.md#inference-time-mitigations): `Text2ImageModule.generate`.
     "gni": _unchanged_prompt,
-    "prompt_embedding": _unchanged_prompt,
-    "delayed_guidance": _unchanged_prompt,
-    "attention_rescale": _unchanged_prompt,
     "rt": lambda prompt, rng, repeats, tokenizer: add_random_tokens(
         prompt, rng, repeats, tokenizer or clip_tokenizer()
     ),
     "cwr": lambda prompt, rng, repeats, tokenizer: repeat_caption_words(prompt, rng, repeats),
     "rna": lambda prompt, rng, repeats, tokenizer: add_random_numbers(prompt, rng, repeats),
+    **{name: _unchanged_prompt for name in SAMPLING_MITIGATIONS},
 }
 
 

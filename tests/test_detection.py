@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from src.detection import (
+from src.detection.detectors import (
     attention_entropy,
     end_token_positions,
     generation_similarity,

@@ -8,8 +8,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Highest first: entry points, then the harness, then the library, then run plumbing.
 LEVELS = [
-    {"train", "evaluate", "sample", "replicate", "attack"},
-    {"callbacks", "models", "replication", "generation", "attacks"},
+    {"train", "evaluate", "sample", "replicate", "attack", "detect"},
+    {"callbacks", "models", "replication", "generation", "attacks", "detection"},
     {"metrics", "nn", "losses", "data", "mitigations", "plots"},
     {"utils"},
 ]

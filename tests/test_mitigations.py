@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from src.mitigations import (
     INFERENCE_MITIGATIONS,
     RANDOM_TOKEN_VOCAB,
+    SAMPLING_MITIGATIONS,
     TRAIN_MITIGATIONS,
     add_random_numbers,
     add_random_tokens,
@@ -232,7 +233,9 @@ def test_apply_train_mitigation_registry_and_configs(tokenizer):
 
 def test_apply_inference_mitigation(tokenizer):
     prompt = "Wall View 002"
-    assert set(INFERENCE_MITIGATIONS) == {"none", "gni", "rt", "cwr", "rna"}
+    assert set(INFERENCE_MITIGATIONS) == {"none", "gni", "rt", "cwr", "rna", *SAMPLING_MITIGATIONS}
+    for name in SAMPLING_MITIGATIONS:  # they act inside sampling, not on the text
+        assert apply_inference_mitigation(name, prompt, rng()) == prompt
     assert apply_inference_mitigation("none", prompt, rng()) == prompt
     assert apply_inference_mitigation("gni", prompt, rng()) == prompt
     assert apply_inference_mitigation("rt", prompt, rng(3), tokenizer) == add_random_tokens(

@@ -11,7 +11,7 @@ from lightning.pytorch import Callback
 from omegaconf import OmegaConf
 
 from src.attacks.run import flat_numbers
-from src.detect import detect_module
+from src.detection.run import detect_module
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import lightning as L
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from src.detection import end_token_positions, guided_pass
+from src.detection.detectors import end_token_positions, guided_pass
 from src.mitigations import (
     SAMPLING_MITIGATIONS,
     delayed_guidance_scale,
