@@ -21,9 +21,9 @@ from src.generation import load_module, run_datamodule, run_dir_of
 from src.replication.report import log_report_to_wandb
 from src.utils.run import (
     claim_run_dir,
-    find_resume_checkpoint,
     instantiate,
     print_config_tree,
+    require_checkpoint,
     resolve_device,
     save_metrics,
 )
@@ -36,9 +36,7 @@ def attack(cfg: DictConfig) -> dict:
     claim_run_dir(output_dir)
     print_config_tree(cfg, save_to=output_dir / "config_resolved.yaml")
     options = OmegaConf.to_container(cfg.attack, resolve=True)
-    ckpt_path = find_resume_checkpoint(cfg.ckpt_path)
-    if ckpt_path is None:
-        raise ValueError("ckpt_path is required: a .ckpt inside a training run folder, or the run folder")
+    ckpt_path = require_checkpoint(cfg.ckpt_path)
     device = resolve_device(cfg.device)
     module = load_module(ckpt_path, device)
     datamodule = None

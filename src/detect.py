@@ -24,14 +24,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import src.utils  # noqa: F401  (registers the config resolvers)
-from src.detection.run import check_detectors, detect_module
+from src.detection.run import detect_module
 from src.generation import load_module, run_datamodule, run_dir_of
 from src.replication.report import log_report_to_wandb
 from src.utils.run import (
     claim_run_dir,
-    find_resume_checkpoint,
     instantiate,
     print_config_tree,
+    require_checkpoint,
     resolve_device,
     save_metrics,
 )
@@ -43,12 +43,9 @@ def detect(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     claim_run_dir(output_dir)
     print_config_tree(cfg, save_to=output_dir / "config_resolved.yaml")
-    ckpt_path = find_resume_checkpoint(cfg.ckpt_path)
-    if ckpt_path is None:
-        raise ValueError("ckpt_path is required: a .ckpt inside a training run folder, or the run folder")
+    ckpt_path = require_checkpoint(cfg.ckpt_path)
     device = resolve_device(cfg.device)
     module = load_module(ckpt_path, device)
-    check_detectors(module, list(cfg.detectors))
     run_dir = run_dir_of(ckpt_path)
     datamodule = run_datamodule(
         run_dir, "src.detect", "give the folder of a text-to-image `python -m src.train` run"

@@ -15,7 +15,7 @@ import src.utils  # noqa: F401  (registers the config resolvers)
 from src.generation import default_folder, generate_to_folder, load_module, read_prompts
 from src.nn.diffusion import SAMPLERS, check_choice
 from src.utils.checks import check_number
-from src.utils.run import claim_run_dir, find_resume_checkpoint, print_config_tree, resolve_device
+from src.utils.run import claim_run_dir, print_config_tree, require_checkpoint, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,7 @@ def sample(cfg: DictConfig) -> Path:
     check_number("seed", cfg.seed, low=0, integer=True)
     claim_run_dir(cfg.paths.output_dir)
     print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_resolved.yaml")
-    ckpt_path = find_resume_checkpoint(cfg.ckpt_path)
-    if ckpt_path is None:
-        raise ValueError("ckpt_path is required: a .ckpt file or a training run directory")
+    ckpt_path = require_checkpoint(cfg.ckpt_path)
     module = load_module(ckpt_path, resolve_device(cfg.device))
     sampler = check_choice("sampler", cfg.sampler or module.hparams.sampler, SAMPLERS)
     steps = cfg.steps or module.hparams.sample_steps

@@ -26,7 +26,6 @@ from src.metrics.extraction import tiled_l2
 from src.nn.attention import cross_attention, cross_attention_layers
 
 DETECTORS = ("noise_norm", "attention_entropy", "score_anisotropy", "generation_similarity")
-UNET_DETECTORS = DETECTORS[:3]  # those that read the network, not images
 
 
 def guided_pass(unet, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor):
@@ -41,9 +40,20 @@ def guidance_norm(eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> torch.Ten
     return (eps_cond - eps_uncond).float().flatten(1).norm(dim=1)
 
 
-def _guided_step(sampler, eps_uncond, eps_cond, t, x, guidance_scale, generators):
-    prediction = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-    return sampler.step(prediction, t, x, generator=generators).prev_sample
+def guided_trajectory(
+    unet, sampler, cond, uncond, noise, steps: int, count: int, guidance_scale, generators=None
+):
+    """Yield (t, ε(x_t, ∅), ε(x_t, c)) for the first `count` of `steps` guided sampling steps from x_T = `noise`,
+    stepping the sampler with guidance `guidance_scale` between them (not after the last one yielded)."""
+    sampler.set_timesteps(steps, device=noise.device)
+    timesteps = sampler.timesteps[:count]
+    x = noise * sampler.init_noise_sigma
+    for i, t in enumerate(timesteps):
+        eps_u, eps_c = guided_pass(unet, sampler.scale_model_input(x, t), t, cond, uncond)
+        yield t, eps_u, eps_c
+        if i + 1 < len(timesteps):
+            prediction = eps_u + guidance_scale * (eps_c - eps_u)
+            x = sampler.step(prediction, t, x, generator=generators).prev_sample
 
 
 @torch.no_grad()
@@ -62,16 +72,10 @@ def noise_norm(
     `steps` guided sampling steps from x_T = `noise` (None: all of them, their code's default; 1: the cheap setting
     of their headline). The guidance scale shapes the path only; it does not multiply the norm. Sampling stops
     after the last scored step."""
-    sampler.set_timesteps(steps, device=noise.device)
-    timesteps = sampler.timesteps[: scored_steps or steps]
-    x = noise * sampler.init_noise_sigma
-    norms = []
-    for i, t in enumerate(timesteps):
-        eps_u, eps_c = guided_pass(unet, sampler.scale_model_input(x, t), t, cond, uncond)
-        norms.append(guidance_norm(eps_u, eps_c))
-        if i + 1 < len(timesteps):
-            x = _guided_step(sampler, eps_u, eps_c, t, x, guidance_scale, generators)
-    return torch.stack(norms, 1).mean(1)
+    trajectory = guided_trajectory(
+        unet, sampler, cond, uncond, noise, steps, scored_steps or steps, guidance_scale, generators
+    )
+    return torch.stack([guidance_norm(eps_u, eps_c) for _, eps_u, eps_c in trajectory], 1).mean(1)
 
 
 @torch.no_grad()
@@ -156,23 +160,20 @@ def attention_entropy(
                 f"attention_entropy layers {bad} out of range: the UNet has {len(names)} cross-attention layers"
             )
         names = [names[i] for i in layers]
-    sampler.set_timesteps(steps, device=noise.device)
-    timesteps = sampler.timesteps[:1] if mode == "first" else sampler.timesteps
     rows = len(cond)
-    x = noise * sampler.init_noise_sigma
     full, ends = [], []
     with cross_attention(unet, record=True) as probe:
-        for i, t in enumerate(timesteps):
-            probe.clear()
-            eps_u, eps_c = guided_pass(unet, sampler.scale_model_input(x, t), t, cond, uncond)
+        count = 1 if mode == "first" else steps
+        for _ in guided_trajectory(
+            unet, sampler, cond, uncond, noise, steps, count, guidance_scale, generators
+        ):
             probs = probe.mean_over_layers(names)[rows:]  # the conditional half of the batch
             full.append(token_entropy(probs))
             ends.append(token_entropy(probs, end_positions))
-            if i + 1 < len(timesteps):
-                x = _guided_step(sampler, eps_u, eps_c, t, x, guidance_scale, generators)
+            probe.clear()
     if mode == "first":
         return full[0]
-    last = slice(len(timesteps) - min(last_steps, len(timesteps)), None)
+    last = slice(len(full) - min(last_steps, len(full)), None)
     mean_full = torch.stack(full[last], 1).mean(1)
     return mean_full + torch.stack(ends[last], 1).mean(1) - ends[0]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
 from tqdm import tqdm
 
-from src.attacks.membership import draw_roc, load_images, membership_prompts
+from src.attacks.extraction import load_generations
+from src.attacks.membership import draw_roc, membership_prompts
 from src.data.images import read_list
 from src.detection.detectors import (
     DETECTORS,
@@ -23,73 +23,44 @@ from src.detection.detectors import (
     noise_norm,
     score_anisotropy,
 )
-from src.generation import generate_to_folder
+from src.generation import generate_to_folder, image_name
 from src.metrics.membership import roc_curve, roc_summary
 from src.metrics.replication import top1_similarities
+from src.models.diffusion import sampling_network
 from src.nn.attention import cross_attention_layers
 from src.nn.diffusion import build_sampler, initial_noise
+from src.nn.embed import embed_images
 from src.plots import save_figure
 
 log = logging.getLogger(__name__)
 
 
 # ---- prompts and ground truth --------------------------------------------------------------------------------
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(N, 3, H, W) in [-1, 1] -> PIL images."""
-    pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    return [Image.fromarray(p.numpy()) for p in pixels]
-
-
-@torch.no_grad()
-def features_of(extractor, images: list[Image.Image], device, batch_size: int = 64) -> torch.Tensor:
-    """(N, D) L2-normalised features of PIL images."""
-    transform = extractor.transform()
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack([transform(image) for image in images[start : start + batch_size]]).to(device)
-        out.append(extractor(batch).cpu())
-    return torch.cat(out)
-
-
 def detection_prompts(source, datamodule) -> dict:
-    """{prompts, sources (index of the training image, -1 for the others), train (N, 3, H, W) in [-1, 1] as the
-    model saw them}: `source` "training" (every training image's prompt, then every held-out image's, when the
-    run holds some out) or a .txt / .json file of prompts (duplicates dropped); `datamodule` is the training
-    run's, set up."""
-    train_paths = datamodule.train_files
-    train = load_images(datamodule.root, train_paths, datamodule.image_transform(), "training images")
+    """{prompts, sources (index into the training images, -1 for the others)}: `source` "training" (every training
+    image's prompt, then every held-out image's, when the run holds some out) or a .txt / .json file of prompts
+    (duplicates dropped); `datamodule` is the training run's, set up."""
     if source == "training":
-        held_out = list(getattr(datamodule, "control_files", []))
-        prompts = membership_prompts(datamodule, train_paths) + membership_prompts(datamodule, held_out)
-        sources = list(range(len(train_paths))) + [-1] * len(held_out)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"prompts={source!r}: no such file (a .txt with one prompt per line, a .json list, or 'training')"
-            )
-        prompts = list(dict.fromkeys(read_list(path)))
-        sources = [-1] * len(prompts)
-    return {"prompts": prompts, "sources": sources, "train": train}
+        train, held_out = datamodule.train_files, list(getattr(datamodule, "control_files", []))
+        prompts = membership_prompts(datamodule, train) + membership_prompts(datamodule, held_out)
+        return {"prompts": prompts, "sources": list(range(len(train))) + [-1] * len(held_out)}
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"prompts={source!r}: no such file (a .txt with one prompt per line, a .json list, or 'training')"
+        )
+    prompts = list(dict.fromkeys(read_list(path)))
+    return {"prompts": prompts, "sources": [-1] * len(prompts)}
 
 
 def copy_shares(
-    module,
-    prompts: list[str],
-    sources: list[int],
-    train: torch.Tensor,
-    extractor,
-    options: dict,
-    folder: Path,
-    device,
-) -> tuple[np.ndarray, float]:
-    """(copy share per prompt, seconds per generated image or nan when every image was already there): the
-    ground truth of the module docstring, from `options["generations"]` generations per prompt written to
-    `folder` (image p * K + k from prompt p and seed `options["seed"]` + p * K + k)."""
+    module, prompts: list[str], sources: list[int], datamodule, extractor, options: dict, folder: Path, device
+) -> np.ndarray:
+    """The copy share of each prompt: the ground truth of the module docstring, from `options["generations"]`
+    generations per prompt written to `folder` (image p * K + k from prompt p and seed `options["seed"]` + p * K +
+    k), each matched with the training images of `datamodule` by the features of `extractor`."""
     k = int(options["generations"])
     repeated = [prompt for prompt in prompts for _ in range(k)]
-    before = len(list(folder.glob("*.png"))) if folder.is_dir() else 0
-    start = time.perf_counter()
     generate_to_folder(
         module,
         folder,
@@ -99,16 +70,14 @@ def copy_shares(
         batch_size=int(options["batch_size"]),
         prompts=repeated,
     )
-    made = len(repeated) - before
-    seconds = (time.perf_counter() - start) / made if made > 0 else float("nan")
-    generated = [Image.open(folder / f"{i:06d}.png").convert("RGB") for i in range(len(repeated))]
     extractor = extractor.to(device).eval()
-    similarity, nearest = top1_similarities(
-        features_of(extractor, generated, device), features_of(extractor, to_pil(train), device)
-    )
+    names = [image_name(i) for i in range(len(repeated))]
+    generated, _, _ = embed_images(extractor, folder, names, device=device, desc="ground-truth generations")
+    train, readable, _ = embed_images(extractor, datamodule.root, datamodule.train_files, device=device)
+    similarity, nearest = top1_similarities(generated, train)
     own = torch.tensor([s for s in sources for _ in range(k)])
-    copies = (similarity >= float(options["threshold"])) & ((own < 0) | (nearest == own))
-    return copies.view(len(prompts), k).float().mean(1).numpy(), seconds
+    copies = (similarity >= float(options["threshold"])) & ((own < 0) | (readable[nearest] == own))
+    return copies.view(len(prompts), k).float().mean(1).numpy()
 
 
 # ---- detectors -----------------------------------------------------------------------------------------------
@@ -119,8 +88,7 @@ def unet_scores(
     seed + p * G + g), in batches of `batch_size` rows, averaged per prompt."""
     options = dict(options)
     generations = int(options.pop("generations", 1))
-    network = module.ema.module if use_ema and module.ema is not None else module.unet
-    network.eval()
+    network = sampling_network(module, use_ema).eval()
     sampler = build_sampler(options.pop("sampler", None) or "ddim", module.noise_scheduler)
     guidance = options.pop("guidance_scale", None) or module.hparams.guidance_scale
     rows = [(p, g) for p in range(len(prompts)) for g in range(generations)]
@@ -160,13 +128,9 @@ def similarity_scores(module, prompts: list[str], options: dict, seed: int, fold
         batch_size=batch_size,
         prompts=repeated,
     )
+    images, _ = load_generations(folder, module.hparams.image_size)
     grid = tuple(options.get("grid", (4, 4)))
-    scores = []
-    for p in range(len(prompts)):
-        images = [np.asarray(Image.open(folder / f"{p * k + i:06d}.png").convert("RGB")) for i in range(k)]
-        tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
-        scores.append(generation_similarity(tensor, grid))
-    return np.array(scores)
+    return np.array([generation_similarity(images[p * k : (p + 1) * k], grid) for p in range(len(prompts))])
 
 
 def check_detectors(module, names: list[str]) -> None:
@@ -302,11 +266,11 @@ def detect_module(module, datamodule, settings: dict, out_dir, samples_dir, extr
             prompts[cut[0]],
         )
     truth = options["truth"]
-    shares, _ = copy_shares(
+    shares = copy_shares(
         module,
         prompts,
         sources,
-        found["train"],
+        datamodule,
         extractor,
         {**truth, "batch_size": batch_size},
         samples_dir / f"detect_truth_seed{truth['seed']}",

@@ -110,6 +110,14 @@ def find_resume_checkpoint(ckpt_path: str | None) -> str | None:
     return str(path)
 
 
+def require_checkpoint(ckpt_path: str | None) -> str:
+    """`find_resume_checkpoint` for the entry points that read a trained model: ValueError when none is given."""
+    resolved = find_resume_checkpoint(ckpt_path)
+    if resolved is None:
+        raise ValueError("ckpt_path is required: a .ckpt inside a training run folder, or the run folder")
+    return resolved
+
+
 # What every run leaves in its folder: the config that the entry point saves first, and the checkpoints.
 RUN_MARKERS = ("config_resolved.yaml", "checkpoints")
 
