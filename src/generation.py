@@ -11,6 +11,7 @@ holds images but no manifest is refused too (they would be taken for generations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import hydra
@@ -127,8 +128,9 @@ def generate_to_folder(
     """Write `num_images` generations of `module` (any module with `generate(seeds, sampler, steps, use_ema)`, and
     `prompts=` for text-conditional ones) into `folder` as 000000.png ..., skipping those already there, and write
     `manifest.json`. Image i uses seed + i and, when given, prompts[i] after `inference_mitigation`
-    ({name: none | gni | rt | cwr | rna, repeats, lam}); the exact prompts used are written to `prompts.json`
-    ({image name: prompt}). `checkpoint` is the file the module was loaded from: its SHA-256 keys the folder
+    ({name: none | gni | rt | cwr | rna | prompt_embedding | delayed_guidance | attention_rescale, and their
+    options}); the exact prompts used are written to `prompts.json` ({image name: prompt}) and the time spent to
+    `timing.json` (`write_timing`). `checkpoint` is the file the module was loaded from: its SHA-256 keys the folder
     (`file_digest`, remembered with its size and mtime); without one, the module's state digest does, unless the
     caller passes it as `weights_sha256` (computed once for many folders of one module). Returns the folder.
 
@@ -197,6 +199,7 @@ def generate_to_folder(
         total=num_images, initial=num_images - len(todo), desc="sampling", unit="img", disable=not progress
     )
     report: list[dict] = []
+    started = time.perf_counter()
     for start in range(0, len(todo), batch_size):
         indices = todo[start : start + batch_size]
         extra = {}
@@ -214,7 +217,19 @@ def generate_to_folder(
         if report:
             write_mitigation_report(folder, report)
     bar.close()
+    if todo:
+        write_timing(folder, len(todo), time.perf_counter() - started)
     return folder
+
+
+def write_timing(folder: Path, images: int, seconds: float) -> None:
+    """`timing.json`: the wall seconds spent generating the folder's images, summed over the calls that
+    generated some (an interrupted folder's earlier calls included), and the seconds per image."""
+    path = folder / "timing.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    images += int(earlier.get("images", 0))
+    seconds += float(earlier.get("seconds", 0.0))
+    path.write_text(json.dumps({"images": images, "seconds": seconds, "seconds_per_image": seconds / images}))
 
 
 def write_mitigation_report(folder: Path, report: list[dict]) -> None:

@@ -8,7 +8,9 @@ import json
 import pytest
 
 from src.detect import detect
-from tests.conftest import compose_config
+from src.detection.run import check_detectors, detector_options
+from src.train import train
+from tests.conftest import ROOT, compose_config, load_script, tiny_text2img_overrides
 
 TINY_DETECT = [
     "device=cpu",
@@ -88,3 +90,68 @@ def test_unknown_callback_settings_are_named():
 
     with pytest.raises(ValueError, match="unknown keys \\['steps'\\]"):
         DetectAtEnd(["noise_norm"], {"steps": 3})
+
+
+def test_a_detector_variant_overrides_only_its_own_options():
+    options = {"noise_norm": {"generations": 4, "steps": 50, "scored_steps": None}}
+    options["noise_norm:first_step"] = {"generations": 1, "scored_steps": 1}
+    assert detector_options(options, "noise_norm") == {"generations": 4, "steps": 50, "scored_steps": None}
+    assert detector_options(options, "noise_norm:first_step") == {
+        "generations": 1,
+        "steps": 50,
+        "scored_steps": 1,
+    }
+    assert detector_options(options, "noise_norm:other") == options["noise_norm"]  # a variant without options
+    with pytest.raises(ValueError, match="unknown detector.*'norm:first'.*variant"):
+        check_detectors(object(), ["noise_norm:first_step", "norm:first"])
+
+
+@pytest.mark.slow
+def test_the_detection_study_runs_and_aggregates_on_a_tiny_model(data_dir, tmp_path):
+    """conf/sweep/memorization_detection.yaml (the nodup arm) on a few CPU steps: every detector and variant,
+    every inference mitigation, then the study's aggregate with its realism and cost columns."""
+    overrides = [
+        "experiment=t2i_mitigations",
+        "+sweep=memorization_detection",
+        *tiny_text2img_overrides(data_dir, subset_size=4),
+        "data.control_size=4",
+        "callbacks.replication.num_images=4",
+        "callbacks.replication.batch_size=4",
+        "callbacks.replication.steps=2",
+        "++callbacks.detect.settings.bootstrap=10",
+        "++callbacks.detect.settings.options.truth.generations=2",
+        "++callbacks.detect.settings.options.truth.steps=2",
+        "++callbacks.detect.settings.options.noise_norm.steps=2",
+        "++callbacks.detect.settings.options.noise_norm.generations=1",
+        "++callbacks.detect.settings.options.attention_entropy.steps=2",
+        "++callbacks.detect.settings.options.score_anisotropy.steps=4",
+        "++callbacks.detect.settings.options.generation_similarity.generations=2",
+        "++callbacks.detect.settings.options.generation_similarity.steps=2",
+    ]
+    run = tmp_path / "run"
+    train(compose_config("train.yaml", overrides, run))
+    aggregate = load_script(
+        ROOT / "experiments" / "memorization_detection" / "aggregate.py", "detection_study"
+    )
+    detectors, mitigations = aggregate.main([str(run), "--out", str(tmp_path / "study")])
+    names = [r["detector"] for r in detectors]
+    assert names == [
+        "noise_norm",
+        "noise_norm:first_step",
+        "attention_entropy",
+        "attention_entropy:last",
+        "score_anisotropy",
+        "generation_similarity",
+    ]
+    assert all(r["arm"] == "nodup" and r["prompts"] == 8 and r["ms_per_prompt"] > 0 for r in detectors)
+    rows = {r["mitigation"].split(" (")[0]: r for r in mitigations}
+    assert {"held-out faces", "training faces", "none", "gni", "prompt_embedding", "delayed_guidance"} <= set(
+        rows
+    )
+    assert "attention_rescale" in rows and rows["none"]["cost_vs_plain"] == 1.0
+    for name, row in rows.items():
+        assert -1 <= row["realism_low"] <= row["realism"] <= row["realism_high"] <= 1, name
+        if name not in ("held-out faces", "training faces"):
+            assert row["n"] == 4 and 0 <= row["share_gt_thr"] <= 1 and row["cost_vs_plain"] > 0, name
+    for name in ("detectors.md", "detectors.png", "mitigations.md", "mitigations.png", "mitigations.csv"):
+        assert (tmp_path / "study" / name).is_file(), name

@@ -31,6 +31,19 @@ def test_resume_generates_only_the_missing_images_and_they_match(tmp_path):
     )
 
 
+def test_the_generation_time_is_recorded_and_summed_over_resumed_calls(tmp_path):
+    module = tiny_module()
+    folder = generate_to_folder(module, tmp_path, 3, seed=0, steps=2, batch_size=2, progress=False)
+    first = json.loads((folder / "timing.json").read_text())
+    assert first["images"] == 3 and first["seconds"] > 0
+    assert first["seconds_per_image"] == pytest.approx(first["seconds"] / 3)
+    generate_to_folder(module, folder, 3, seed=0, steps=2, batch_size=2, progress=False)  # nothing to do
+    assert json.loads((folder / "timing.json").read_text()) == first
+    generate_to_folder(module, folder, 5, seed=0, steps=2, batch_size=2, progress=False)  # two more
+    both = json.loads((folder / "timing.json").read_text())
+    assert both["images"] == 5 and both["seconds"] > first["seconds"]
+
+
 def test_a_folder_of_other_settings_is_refused(tmp_path):
     module = tiny_module()
     generate_to_folder(module, tmp_path, 2, seed=0, steps=2, progress=False)

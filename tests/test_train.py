@@ -89,6 +89,7 @@ def test_unknown_experiment_lists_the_valid_ones():
         ("ddpm_quickstart", "+sweep=extraction_architecture", "params"),
         ("ddpm_celebahq", "+sweep=extraction_architecture_celebahq", "params"),
         ("t2i_mitigations", "+sweep=extraction_mitigations", "params"),
+        ("t2i_mitigations", "+sweep=memorization_detection", "params"),
     ],
 )
 def test_sweep_and_launcher_configs_compose(experiment, search, target):
@@ -99,6 +100,33 @@ def test_sweep_and_launcher_configs_compose(experiment, search, target):
         assert "submitit" in hydra_cfg.launcher._target_
     else:
         assert hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.sweeper.params
+
+
+def test_study_sweeps_give_each_arm_its_own_work():
+    """The unmitigated arm alone is attacked (extraction) or generated (detection) through every inference
+    mitigation; the other arms only plainly."""
+    names = {
+        arm: compose_with_hydra(
+            ["experiment=t2i_mitigations", "+sweep=extraction_mitigations", f"+ablation={arm}"]
+        ).callbacks.attacks.names
+        for arm in ("none", "mc", "rc")
+    }
+    assert names["mc"] == names["rc"] == ["extraction", "loss", "pian"]
+    assert names["none"] == [
+        "extraction",
+        *(f"extraction:{m}" for m in ("gni", "rt", "cwr", "rna")),
+        "loss",
+        "pian",
+    ]
+    for duplication, count in (("nodup", 7), ("dup_image", 0)):
+        cfg = compose_with_hydra(
+            ["experiment=t2i_mitigations", "+sweep=memorization_detection", f"data.duplication={duplication}"]
+        )
+        assert len(cfg.callbacks.replication.inference_mitigations) == count
+        assert (
+            cfg.run_name == f"memorization_detection_{duplication}"
+            and len(cfg.callbacks.detect.detectors) == 6
+        )
 
 
 def check_csd_run(run_dir: Path, metrics: dict) -> None:

@@ -53,7 +53,16 @@ from src.replication.study import (
 REFERENCE = "instancelevel_blip"  # the conditioning of the train- and inference-time arms
 CONDITIONING_ORDER = ("nolevel", "classlevel", "instancelevel_random", "instancelevel_blip")
 TRAIN_ORDER = ("none", "mc", "gn", "rc", "rt", "cwr")
-INFERENCE_ORDER = ("none", "gni", "rt", "cwr", "rna")
+INFERENCE_ORDER = (
+    "none",
+    "gni",
+    "rt",
+    "cwr",
+    "rna",
+    "prompt_embedding",
+    "delayed_guidance",
+    "attention_rescale",
+)
 KINDS = ("conditioning", "train", "inference")
 # the share the paper reports (SSCD similarity > 0.5, docs/replication.md#dcr-measurement)
 PAPER_THRESHOLD = 0.5

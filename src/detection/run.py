@@ -133,19 +133,34 @@ def similarity_scores(module, prompts: list[str], options: dict, seed: int, fold
     return np.array([generation_similarity(images[p * k : (p + 1) * k], grid) for p in range(len(prompts))])
 
 
+def base_detector(name: str) -> str:
+    """The detector of a name: `noise_norm:first_step` is a variant of `noise_norm`."""
+    return name.partition(":")[0]
+
+
+def detector_options(options: dict, name: str) -> dict:
+    """The options of detector `name`: its base detector's (`options[base]`), updated by the variant's own
+    (`options[name]`), so `noise_norm:first_step: {generations: 1, scored_steps: 1}` changes only those two."""
+    base = base_detector(name)
+    return {**options.get(base, {}), **(options.get(name) or {})} if name != base else dict(options[base])
+
+
 def check_detectors(module, names: list[str]) -> None:
     """ValueError for an unknown detector, an unconditional model, or an attention detector on a UNet without
     cross-attention, listing what applies."""
-    unknown = [name for name in names if name not in DETECTORS]
+    unknown = [name for name in names if base_detector(name) not in DETECTORS]
     if unknown:
-        raise ValueError(f"unknown detector(s) {unknown}; valid: {', '.join(DETECTORS)}")
+        raise ValueError(
+            f"unknown detector(s) {unknown}; valid: {', '.join(DETECTORS)}, each optionally with a variant "
+            "name after a colon (noise_norm:first_step) whose options override the detector's"
+        )
     if not hasattr(module, "encode_prompts"):
         raise ValueError(
             f"{type(module).__name__} is an unconditional model: the detectors score prompts and need a "
             "text-conditional model (Text2ImageModule); for an unconditional model, `python -m src.attack "
             "attack=extraction` finds the training images it reproduces"
         )
-    if "attention_entropy" in names and not cross_attention_layers(module.unet):
+    if "attention_entropy" in map(base_detector, names) and not cross_attention_layers(module.unet):
         applies = [name for name in DETECTORS if name != "attention_entropy"]
         raise ValueError(
             f"detector attention_entropy reads cross-attention, which this UNet does not have; the detectors that "
@@ -281,13 +296,13 @@ def detect_module(module, datamodule, settings: dict, out_dir, samples_dir, extr
     scores, costs = {}, {}
     for name in names:
         start = time.perf_counter()
-        if name == "generation_similarity":
-            folder = samples_dir / f"detect_similarity_seed{seed}"
-            scores[name] = similarity_scores(module, prompts, options[name], seed, folder, batch_size)
+        base, chosen = base_detector(name), detector_options(options, name)
+        if base == "generation_similarity":
+            variant = name.partition(":")[2]
+            folder = samples_dir / f"detect_similarity{'_' + variant if variant else ''}_seed{seed}"
+            scores[name] = similarity_scores(module, prompts, chosen, seed, folder, batch_size)
         else:
-            scores[name] = unet_scores(
-                module, name, prompts, options[name], seed, batch_size, settings["use_ema"]
-            )
+            scores[name] = unet_scores(module, base, prompts, chosen, seed, batch_size, settings["use_ema"])
         per_prompt = (time.perf_counter() - start) / len(prompts)
         costs[name] = {"ms_per_prompt": 1000 * per_prompt, "ratio": per_prompt / generation}
         log.info(
