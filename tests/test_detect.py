@@ -145,13 +145,19 @@ def test_the_detection_study_runs_and_aggregates_on_a_tiny_model(data_dir, tmp_p
     ]
     assert all(r["arm"] == "nodup" and r["prompts"] == 8 and r["ms_per_prompt"] > 0 for r in detectors)
     rows = {r["mitigation"].split(" (")[0]: r for r in mitigations}
-    assert {"held-out faces", "training faces", "none", "gni", "prompt_embedding", "delayed_guidance"} <= set(
-        rows
-    )
+    assert {
+        "held-out faces",
+        "training faces",
+        "uniform noise",
+        "none",
+        "gni",
+        "prompt_embedding",
+        "delayed_guidance",
+    } <= set(rows)
     assert "attention_rescale" in rows and rows["none"]["cost_vs_plain"] == 1.0
     for name, row in rows.items():
         assert -1 <= row["realism_low"] <= row["realism"] <= row["realism_high"] <= 1, name
-        if name not in ("held-out faces", "training faces"):
+        if name not in ("held-out faces", "training faces", "uniform noise"):
             assert row["n"] == 4 and 0 <= row["share_gt_thr"] <= 1 and row["cost_vs_plain"] > 0, name
     for name in ("detectors.md", "detectors.png", "mitigations.md", "mitigations.png", "mitigations.csv"):
         assert (tmp_path / "study" / name).is_file(), name

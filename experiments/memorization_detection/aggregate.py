@@ -8,8 +8,9 @@ study (`data.duplication`: nodup, dup_image). Written to OUT (default: the first
 
 - detectors.csv / .md: per arm and detector, ROC AUC and TPR at 1% FPR with their 95% bootstrap intervals
   (memorized prompts against the others, the run's ground truth), the Spearman correlation of the score with the
-  prompt's copy share, milliseconds per prompt and the cost against one generation; detectors.png: the AUCs with
-  their intervals beside the costs;
+  prompt's copy share, the AUC on the clear cases alone (share >= 0.75 against share <= 0.125: the labels that
+  the noise of a few generations per prompt cannot flip), milliseconds per prompt and the cost against one
+  generation; detectors.png: the AUCs with their intervals beside the costs;
 - mitigations.csv / .md (the runs that generated with inference mitigations): per mitigation, the caption
   study's statistics of its generations (experiments/caption_mitigations/aggregate.py: share of copies, source_top1,
   mean and 95th percentile of the top-1 similarity, with intervals), the quality measure `realism` (below) with
@@ -20,13 +21,15 @@ Realism: the similarity of each generation to its nearest held-out face (the run
 on), in the run's own copy-detection features (raw-pixel Pearson correlation on the CPU testbed). A face of the
 training distribution, copied or new, sits as close to its nearest held-out face as a held-out face does to the
 others (the reference rows: held-out faces to their nearest other held-out face, training faces to their nearest
-held-out one); noise, washed-out or broken images sit far below. It needs no downloaded weights. It does not see
-detail a blur removes (an average face correlates well with many faces): the galleries are the check on that.
+held-out one; images of uniform noise give the floor); noise, washed-out or broken images sit far below. It needs
+no downloaded weights. It does not see detail a blur removes (an average face correlates well with many faces,
+and can score above the held-out faces themselves): the galleries are the check on that.
 """
 
 import importlib.util
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -36,8 +39,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from src.generation import run_datamodule  # noqa: E402
+from src.metrics.membership import roc_summary  # noqa: E402
 from src.metrics.replication import top1_similarities, train_background  # noqa: E402
 from src.nn.embed import embed_images  # noqa: E402
 from src.plots import save_figure  # noqa: E402
@@ -71,11 +76,17 @@ DETECTOR_COLUMNS = (
     "tpr_low",
     "tpr_high",
     "spearman",
+    "clear_cases",
+    "auc_clear",
+    "auc_clear_low",
+    "auc_clear_high",
     "ms_per_prompt",
     "cost_vs_generation",
     "paper",
     "run",
 )
+# The clear cases: prompts that copy in in at least 3 in 4 of their generations against those that copy in at most 1 in 8
+CLEAR = (0.125, 0.75)
 MITIGATION_COLUMNS = (
     "mitigation",
     "n",
@@ -122,6 +133,18 @@ def interval(row: dict, key: str, low: str, high: str, ci) -> None:
     row[low], row[high] = (ci[0], ci[1]) if ci else (math.nan, math.nan)
 
 
+def clear_case_auc(scores: list[dict], name: str) -> tuple[float, list | None]:
+    """ROC AUC [95% CI] of detector `name` on the clear cases of a report's scores.csv: prompts whose copy share
+    is at least CLEAR[1] against those at most CLEAR[0] (NaN when either side is empty)."""
+    shares = np.array([float(r["copy_share"]) for r in scores])
+    values = np.array([float(r[name]) for r in scores])
+    positive, negative = values[shares >= CLEAR[1]], values[shares <= CLEAR[0]]
+    if not len(positive) or not len(negative):
+        return math.nan, None
+    summary = roc_summary(positive, negative, bootstrap=1000)
+    return summary["auc"], summary.get("auc_ci")
+
+
 def detector_rows(run: Path) -> list[dict]:
     """One row per detector of the run's detection report (detection/detectors.csv and scores.csv)."""
     import csv
@@ -130,6 +153,8 @@ def detector_rows(run: Path) -> list[dict]:
     with (folder / "scores.csv").open() as file:
         scores = list(csv.DictReader(file))
     memorized = sum(int(r["memorized"]) for r in scores)
+    shares = np.array([float(r["copy_share"]) for r in scores])
+    clear = f"{int((shares >= CLEAR[1]).sum())} / {int((shares <= CLEAR[0]).sum())}"
     rows = []
     with (folder / "detectors.csv").open() as file:
         for entry in csv.DictReader(file):
@@ -149,6 +174,9 @@ def detector_rows(run: Path) -> list[dict]:
             }
             interval(row, "auc", "auc_low", "auc_high", yaml.safe_load(entry["auc_ci"] or "null"))
             interval(row, "tpr", "tpr_low", "tpr_high", yaml.safe_load(entry["tpr@1%fpr_ci"] or "null"))
+            row["clear_cases"] = clear
+            row["auc_clear"], ci = clear_case_auc(scores, name)
+            interval(row, "auc_clear", "auc_clear_low", "auc_clear_high", ci)
             rows.append(row)
     return rows
 
@@ -166,6 +194,15 @@ def heldout_features(run: Path, extractor) -> tuple:
     return heldout, train
 
 
+def noise_images(folder: Path, count: int, size: int) -> list[str]:
+    """`count` seeded images of uniform noise written to `folder` as PNG: the floor of the realism measure."""
+    rng = np.random.default_rng(0)
+    names = [f"noise_{i:03d}.png" for i in range(count)]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / name)
+    return names
+
+
 def realism_row(name: str, values: np.ndarray) -> dict:
     row = {"mitigation": name, "n": len(values), "realism": float(values.mean())}
     row["realism_low"], row["realism_high"] = bootstrap_interval(values, mean)
@@ -179,9 +216,13 @@ def mitigation_rows(run: Path, caption) -> list[dict]:
     config = run_config(run)
     extractor = instantiate(config["extractor"])
     heldout, train = heldout_features(run, extractor)
+    with tempfile.TemporaryDirectory() as folder:
+        noise = noise_images(Path(folder), len(heldout), int(config["data"]["image_size"]))
+        noise, _, _ = embed_images(extractor, folder, noise, desc="noise images")
     rows = [
         realism_row("held-out faces (reference)", train_background(heldout)[0].numpy()),
         realism_row("training faces (reference)", top1_similarities(train, heldout)[0].numpy()),
+        realism_row("uniform noise (reference)", top1_similarities(noise, heldout)[0].numpy()),
     ]
     plain = None
     for arm in arms:
@@ -232,7 +273,9 @@ def draw_detectors(rows: list[dict]):
     left.axvline(0.9, color="grey", linestyle="--")
     left.set_xlim(0, 1)
     left.set_xlabel("ROC AUC, memorized prompts vs the others [95% CI]")
-    left.legend(title="arm", loc="lower right")
+    left.legend(
+        title="arm", loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=max(len(arms), 1), frameon=False
+    )
     right.set_xscale("log")
     right.axvline(0.1, color="grey", linestyle="--")
     right.set_xlabel("cost per prompt / one generation (log)")
@@ -241,21 +284,18 @@ def draw_detectors(rows: list[dict]):
 
 
 def draw_mitigations(rows: list[dict]):
-    """Share of copies against realism, one point per mitigation, both with their intervals; the references as
-    vertical lines."""
+    """Share of copies against realism, one point per mitigation (short names), both with their intervals; the
+    face references as vertical lines, the noise floor in the axis label."""
     fig, axis = plt.subplots(figsize=(7, 5))
+    floor = ""
     for row in rows:
+        name = row["mitigation"].split(" (")[0]
         if row.get("share_gt_thr") is None:
+            if name.startswith("uniform noise"):
+                floor = f"; uniform noise: {row['realism']:.2f}"
+                continue
             axis.axvline(row["realism"], color="grey", linestyle=":")
-            axis.text(
-                row["realism"],
-                1.0,
-                row["mitigation"].split(" (")[0],
-                rotation=90,
-                va="top",
-                fontsize=7,
-                color="grey",
-            )
+            axis.text(row["realism"], 0.98, name, rotation=90, va="top", ha="right", fontsize=7, color="grey")
             continue
         x, y = row["realism"], row["share_gt_thr"]
         axis.errorbar(
@@ -266,8 +306,8 @@ def draw_mitigations(rows: list[dict]):
             fmt="o",
             capsize=3,
         )
-        axis.annotate(row["mitigation"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    axis.set_xlabel("realism: similarity to the nearest held-out face [95% CI]")
+        axis.annotate(name, (x, y), textcoords="offset points", xytext=(6, 3), fontsize=8)
+    axis.set_xlabel(f"realism: similarity to the nearest held-out face [95% CI]{floor}")
     axis.set_ylabel("share of generations that copy [95% CI]")
     axis.set_ylim(-0.02, 1.02)
     fig.tight_layout()
@@ -293,6 +333,10 @@ def write_study(detectors: list[dict], mitigations: list[dict], out: Path) -> No
                 "memorized / prompts": f"{r['memorized']} / {r['prompts']}",
                 "auc [95% CI]": with_interval(r["auc"], r["auc_low"], r["auc_high"]),
                 "tpr@1%fpr [95% CI]": with_interval(r["tpr@1%fpr"], r["tpr_low"], r["tpr_high"]),
+                "clear cases (+ / -)": r["clear_cases"],
+                "auc, clear cases [95% CI]": with_interval(
+                    r["auc_clear"], r["auc_clear_low"], r["auc_clear_high"]
+                ),
             }
             for r in detectors
         ]
@@ -303,6 +347,8 @@ def write_study(detectors: list[dict], mitigations: list[dict], out: Path) -> No
             "auc [95% CI]",
             "tpr@1%fpr [95% CI]",
             "spearman",
+            "clear cases (+ / -)",
+            "auc, clear cases [95% CI]",
             "ms_per_prompt",
             "cost_vs_generation",
         )
