@@ -108,3 +108,17 @@ def test_an_inference_mitigation_needs_prompts(tmp_path):
         generate_to_folder(
             tiny_module(), tmp_path, 1, steps=2, inference_mitigation={"name": "rt"}, progress=False
         )
+
+
+def test_prompt_embedding_target_per_generation_divides_the_joint_norm_by_the_square_root_of_the_rows():
+    module = tiny_text2img().eval()
+    prompts, seeds = ["a face", "a face", "a face", "a face", "another face"], [0, 1, 2, 3, 4]
+    reports = {}
+    for per_generation in (False, True):
+        report = []
+        options = {"name": "prompt_embedding", "max_steps": 0, "per_generation": per_generation}
+        module.generate(seeds, prompts=prompts, steps=2, mitigation=options, report=report)
+        reports[per_generation] = {entry["prompt"]: entry["initial_loss"] for entry in report}
+    joint, per_generation = reports[False], reports[True]
+    assert per_generation["a face"] == pytest.approx(joint["a face"] / 2, rel=1e-5)  # four rows: sqrt(4)
+    assert per_generation["another face"] == pytest.approx(joint["another face"], rel=1e-5)  # one row

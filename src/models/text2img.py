@@ -252,7 +252,11 @@ class Text2ImageModule(L.LightningModule):
         """Wen et al.'s mitigation (`src.mitigations.optimize_prompt_embeddings`): the conditional embedding of
         each prompt of the batch optimised on its generations' x_T at the first sampling timestep; what each
         reached is appended to `report` (with its prompt), and a warning names the prompts that missed the
-        target."""
+        target. The loss is their code's, the norm over the prompt's generations of the batch jointly; with
+        `per_generation: true` in `options` it is divided by the square root of their number, so the target no
+        longer depends on how many generations of a prompt share a batch."""
+        options = dict(options)
+        per_generation = bool(options.pop("per_generation", False))
         schedule = build_sampler(sampler, self.noise_scheduler)
         schedule.set_timesteps(steps, device=self.device)
         t = schedule.timesteps[0]
@@ -261,7 +265,8 @@ class Text2ImageModule(L.LightningModule):
 
         def loss(embedding, rows):
             eps_u, eps_c = guided_pass(network, x[rows], t, embedding.expand(len(rows), -1, -1), uncond[rows])
-            return (eps_c - eps_u).float().norm()
+            norm = (eps_c - eps_u).float().norm()
+            return norm / len(rows) ** 0.5 if per_generation else norm
 
         groups: dict[str, list[int]] = {}
         for i, prompt in enumerate(prompts):
