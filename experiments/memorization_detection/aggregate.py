@@ -26,6 +26,7 @@ no downloaded weights. It does not see detail a blur removes (an average face co
 and can score above the held-out faces themselves): the galleries are the check on that.
 """
 
+import csv
 import importlib.util
 import math
 import sys
@@ -133,10 +134,10 @@ def interval(row: dict, key: str, low: str, high: str, ci) -> None:
     row[low], row[high] = (ci[0], ci[1]) if ci else (math.nan, math.nan)
 
 
-def clear_case_auc(scores: list[dict], name: str) -> tuple[float, list | None]:
-    """ROC AUC [95% CI] of detector `name` on the clear cases of a report's scores.csv: prompts whose copy share
-    is at least CLEAR[1] against those at most CLEAR[0] (NaN when either side is empty)."""
-    shares = np.array([float(r["copy_share"]) for r in scores])
+def clear_case_auc(scores: list[dict], shares: np.ndarray, name: str) -> tuple[float, list | None]:
+    """ROC AUC [95% CI] of detector `name` on the clear cases of a report's scores.csv (rows `scores`, copy
+    shares `shares`): prompts whose share is at least CLEAR[1] against those at most CLEAR[0] (NaN when either
+    side is empty)."""
     values = np.array([float(r[name]) for r in scores])
     positive, negative = values[shares >= CLEAR[1]], values[shares <= CLEAR[0]]
     if not len(positive) or not len(negative):
@@ -147,20 +148,19 @@ def clear_case_auc(scores: list[dict], name: str) -> tuple[float, list | None]:
 
 def detector_rows(run: Path) -> list[dict]:
     """One row per detector of the run's detection report (detection/detectors.csv and scores.csv)."""
-    import csv
-
     folder = run / "detection"
     with (folder / "scores.csv").open() as file:
         scores = list(csv.DictReader(file))
     memorized = sum(int(r["memorized"]) for r in scores)
     shares = np.array([float(r["copy_share"]) for r in scores])
     clear = f"{int((shares >= CLEAR[1]).sum())} / {int((shares <= CLEAR[0]).sum())}"
+    arm = arm_of(run_config(run))
     rows = []
     with (folder / "detectors.csv").open() as file:
         for entry in csv.DictReader(file):
             name = entry["detector"]
             row = {
-                "arm": arm_of(run_config(run)),
+                "arm": arm,
                 "detector": name,
                 "memorized": memorized,
                 "prompts": len(scores),
@@ -175,7 +175,7 @@ def detector_rows(run: Path) -> list[dict]:
             interval(row, "auc", "auc_low", "auc_high", yaml.safe_load(entry["auc_ci"] or "null"))
             interval(row, "tpr", "tpr_low", "tpr_high", yaml.safe_load(entry["tpr@1%fpr_ci"] or "null"))
             row["clear_cases"] = clear
-            row["auc_clear"], ci = clear_case_auc(scores, name)
+            row["auc_clear"], ci = clear_case_auc(scores, shares, name)
             interval(row, "auc_clear", "auc_clear_low", "auc_clear_high", ci)
             rows.append(row)
     return rows

@@ -53,6 +53,17 @@ def detection_prompts(source, datamodule) -> dict:
     return {"prompts": prompts, "sources": [-1] * len(prompts)}
 
 
+def generate_per_prompt(
+    module, prompts: list[str], k: int, folder: Path, seed: int, steps, batch_size
+) -> None:
+    """`k` generations of each prompt written to `folder` (seeded and resumable, `generate_to_folder`): image
+    p * k + j from prompt p and seed `seed` + p * k + j."""
+    repeated = [prompt for prompt in prompts for _ in range(k)]
+    generate_to_folder(
+        module, folder, len(repeated), seed=seed, steps=steps, batch_size=int(batch_size), prompts=repeated
+    )
+
+
 def copy_shares(
     module, prompts: list[str], sources: list[int], datamodule, extractor, options: dict, folder: Path, device
 ) -> np.ndarray:
@@ -60,18 +71,11 @@ def copy_shares(
     generations per prompt written to `folder` (image p * K + k from prompt p and seed `options["seed"]` + p * K +
     k), each matched with the training images of `datamodule` by the features of `extractor`."""
     k = int(options["generations"])
-    repeated = [prompt for prompt in prompts for _ in range(k)]
-    generate_to_folder(
-        module,
-        folder,
-        len(repeated),
-        seed=int(options["seed"]),
-        steps=options.get("steps"),
-        batch_size=int(options["batch_size"]),
-        prompts=repeated,
+    generate_per_prompt(
+        module, prompts, k, folder, int(options["seed"]), options.get("steps"), options["batch_size"]
     )
     extractor = extractor.to(device).eval()
-    names = [image_name(i) for i in range(len(repeated))]
+    names = [image_name(i) for i in range(len(prompts) * k)]
     generated, _, _ = embed_images(extractor, folder, names, device=device, desc="ground-truth generations")
     train, readable, _ = embed_images(extractor, datamodule.root, datamodule.train_files, device=device)
     similarity, nearest = top1_similarities(generated, train)
@@ -118,16 +122,7 @@ def unet_scores(
 def similarity_scores(module, prompts: list[str], options: dict, seed: int, folder: Path, batch_size: int):
     """(P,) `generation_similarity` of `options["generations"]` generations per prompt, written to `folder`."""
     k = int(options["generations"])
-    repeated = [prompt for prompt in prompts for _ in range(k)]
-    generate_to_folder(
-        module,
-        folder,
-        len(repeated),
-        seed=seed,
-        steps=options.get("steps"),
-        batch_size=batch_size,
-        prompts=repeated,
-    )
+    generate_per_prompt(module, prompts, k, folder, seed, options.get("steps"), batch_size)
     images, _ = load_generations(folder, module.hparams.image_size)
     grid = tuple(options.get("grid", (4, 4)))
     return np.array([generation_similarity(images[p * k : (p + 1) * k], grid) for p in range(len(prompts))])
