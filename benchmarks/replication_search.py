@@ -15,8 +15,15 @@ same seeded random features (G generations, N training images, D dims, float32, 
 - auto: `search_topk(generated, train, k=1)` with default settings, as `src.replicate` calls it. On CPU
   backend="auto" hands float32 searches with N >= 50,000 to faiss, so at the default sizes it is the faiss
   row.
-- torch, torch_half: `search_topk(backend="torch")` in float32, and with `half=True` (the database stored in
-  float16; on CPU each block is upcast to float32 once, so the products stay float32).
+- matmul_tf32 (CUDA only): the float32 products with TF32 tensor cores allowed (10-bit mantissa inputs): the
+  GPU's fast float32 path, which the exact searches do not take.
+- matmul_bf16: the same products from bf16 copies of both inputs (float32 accumulation; bf16 output on the
+  CPU, float32 on CUDA): the reference of the bf16 search, "% bf16 matmul".
+- torch, torch_half: `search_topk(backend="torch", precision="float32")`, and with `half=True` (the database
+  stored in float16; on CPU each block is upcast to float32 once, so the products stay float32).
+- bf16_rerank: `bf16_rerank_topk` (`search_topk(precision="bf16_rerank")`, docs/replication.md#exact-search-at-
+  bf16-speed): bf16 candidates, float64 re-scoring, a proof per query, float32 for the queries without one; the
+  table gives the queries searched again in float32 and whether every top-1 equals the float32 search's.
 - faiss: `search_topk(backend="faiss")`, exact faiss.IndexFlatIP (CPU only).
 - dcr: the official DCR code (somepago/DCR `diff_retrieval.py`): `sim = torch.mm(train, generated.T)`, the
   full (N, G) float32 matrix, then `sim.T.topk(1, dim=1)`. At 10k x 100k that matrix is 4 GB: when it would
@@ -58,17 +65,37 @@ from benchmarks.harness import (
     run_worker,
     setup,
 )
-from src.metrics.search import FAISS_MIN_DATABASE, search_topk
+from src.metrics.search import (
+    AUTO_BF16_MIN_PRODUCTS,
+    FAISS_MIN_DATABASE,
+    bf16_is_native,
+    bf16_rerank_topk,
+    search_topk,
+)
 
 SIZES = {"generated": 10_000, "train": 100_000, "dim": 512}
 SMALL_SIZES = {"generated": 1_000, "train": 10_000, "dim": 512}
-VARIANTS = ("matmul", "matmul_numpy", "auto", "torch", "torch_half", "faiss", "dcr")
+VARIANTS = (
+    "matmul",
+    "matmul_numpy",
+    "matmul_tf32",
+    "matmul_bf16",
+    "auto",
+    "torch",
+    "torch_half",
+    "bf16_rerank",
+    "faiss",
+    "dcr",
+)
 LABELS = {
     "matmul": "matmul reference torch.mm (no top-k)",
     "matmul_numpy": "matmul reference numpy (no top-k)",
+    "matmul_tf32": "matmul reference torch.mm TF32 (no top-k, CUDA)",
+    "matmul_bf16": "matmul reference torch.mm bf16 (no top-k)",
     "auto": "search_topk default",
     "torch": "search_topk torch float32",
     "torch_half": "search_topk torch half storage",
+    "bf16_rerank": "search_topk bf16 + float64 re-rank",
     "faiss": "faiss IndexFlatIP",
     "dcr": "DCR full matrix + topk",
 }
@@ -91,24 +118,39 @@ def faiss_installed() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
-def auto_backend(n_train: int, device: str) -> str:
-    """The backend `search_topk(backend="auto")` picks for a float32 search (mirrors its rule, for the
+def auto_backend(args) -> str:
+    """What `search_topk` picks at its defaults (precision="auto", backend="auto"; mirrors its rules, for the
     table)."""
-    cpu = torch.device(device).type == "cpu"
-    return "faiss" if cpu and n_train >= FAISS_MIN_DATABASE and faiss_installed() else "torch"
+    if bf16_is_native(args.device) and args.generated * args.train * args.dim >= AUTO_BF16_MIN_PRODUCTS:
+        # top-1: k = 1 <= AUTO_BF16_MAX_K
+        return "bf16_rerank"
+    cpu = torch.device(args.device).type == "cpu"
+    return "faiss" if cpu and args.train >= FAISS_MIN_DATABASE and faiss_installed() else "torch"
 
 
-def matmul_only(generated: torch.Tensor, train: torch.Tensor, numpy: bool = False) -> None:
+def matmul_only(
+    generated: torch.Tensor, train: torch.Tensor, numpy: bool = False, bf16: bool = False
+) -> None:
     """The products of search_topk's torch backend, tile by tile into a preallocated tile, without the top-k;
-    with `numpy`, through numpy's BLAS (OpenBLAS in the numpy wheels, as faiss-cpu's; torch uses MKL)."""
+    with `numpy`, through numpy's BLAS (OpenBLAS in the numpy wheels, as faiss-cpu's; torch uses MKL); with
+    `bf16`, from bf16 copies (bf16 tile on the CPU, float32 accumulation and tile on CUDA)."""
     if numpy:
         generated, train = generated.numpy(), train.numpy()
+    if bf16:
+        generated, train = generated.bfloat16(), train.bfloat16()
+    cuda_bf16 = bf16 and train.is_cuda
     for d0 in range(0, len(train), DATABASE_CHUNK_SIZE):
         block = train[d0 : d0 + DATABASE_CHUNK_SIZE]  # (n, D)
         if numpy:  # one tile per block width
             tile, product = np.empty((CHUNK_SIZE, len(block)), dtype=np.float32), np.matmul
+        elif cuda_bf16:
+            tile = torch.empty(CHUNK_SIZE, len(block), device=block.device)
+
+            def product(a, b, out):
+                out.copy_(torch.mm(a, b, out_dtype=torch.float32))  # the copy is a small share of the product
         else:
-            tile, product = torch.empty(CHUNK_SIZE, len(block), device=block.device), torch.mm
+            tile = torch.empty(CHUNK_SIZE, len(block), device=block.device, dtype=block.dtype)
+            product = torch.mm
         for q0 in range(0, len(generated), CHUNK_SIZE):
             chunk = generated[q0 : q0 + CHUNK_SIZE]  # (c, D)
             product(chunk, block.T, out=tile[: len(chunk)])  # (c, n), rows of a contiguous tile
@@ -122,16 +164,26 @@ def dcr_top1(generated: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor
 
 
 def run_search(variant: str, generated: torch.Tensor, train: torch.Tensor):
-    """One variant's top-1 search; (scores (G, 1), indices (G, 1)), or None for the matmul references."""
+    """One variant's top-1 search; (scores (G, 1), indices (G, 1)[, stats of bf16_rerank]), or None for the
+    matmul references."""
+    if variant == "matmul_tf32":
+        allowed = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return matmul_only(generated, train)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = allowed
     if variant.startswith("matmul"):
-        return matmul_only(generated, train, numpy=variant == "matmul_numpy")
+        return matmul_only(generated, train, numpy=variant == "matmul_numpy", bf16=variant == "matmul_bf16")
     if variant == "dcr":
         return dcr_top1(generated, train)
     if variant == "auto":
         return search_topk(generated, train, k=1)
+    if variant == "bf16_rerank":
+        return bf16_rerank_topk(generated, train, k=1)
     if variant == "torch_half":
-        return search_topk(generated, train, k=1, backend="torch", half=True)
-    return search_topk(generated, train, k=1, backend=variant)
+        return search_topk(generated, train, k=1, backend="torch", half=True, precision="float32")
+    return search_topk(generated, train, k=1, backend=variant, precision="float32")
 
 
 def measure(variant: str, args) -> dict:
@@ -146,7 +198,10 @@ def measure(variant: str, args) -> dict:
     generated, train = generated[:n_generated].clone().to(device), train.to(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
-    run_search(variant, generated[:8], train)  # warm-up: BLAS / kernel / thread-pool start-up stays out
+    # warm-up: BLAS / kernel / thread-pool start-up stays out (the default search on 8 generations would take
+    # the float32 path: warm up the path it takes on all of them)
+    warm = "bf16_rerank" if variant == "auto" and auto_backend(args) == "bf16_rerank" else variant
+    run_search(warm, generated[:8], train)
     sync()
     memory = PeakMemory(device)
     memory.reset()
@@ -156,7 +211,9 @@ def measure(variant: str, args) -> dict:
     result = {"variant": variant, "generated": n_generated, "seconds": time.perf_counter() - start}
     result.update(peak_bytes=memory.rise(), note=memory.note, threads=torch.get_num_threads())
     if found is not None:
-        scores, indices = found
+        scores, indices = found[:2]
+        if len(found) == 3:
+            result["recomputed"] = found[2]["recomputed"]
         result["scores"] = scores[:, 0].float().cpu().tolist()
         result["indices"] = indices[:, 0].cpu().tolist()
     return result
@@ -188,13 +245,13 @@ def summarise(args, results: dict[str, dict]) -> list[dict]:
     scale = args.generated / base["generated"]
     base_seconds, base_bytes = base["seconds"] * scale, base["peak_bytes"] * scale
     matmul_seconds = min(results[v]["seconds"] for v in ("matmul", "matmul_numpy") if v in results)
+    bf16_seconds = results["matmul_bf16"]["seconds"] if "matmul_bf16" in results else None
+    float32 = results.get("torch")
     rows = []
     for variant, result in results.items():
         seconds = base_seconds if variant == "dcr" else result["seconds"]
         peak = base_bytes if variant == "dcr" else result["peak_bytes"]
-        label = LABELS[variant] + (
-            f" (-> {auto_backend(args.train, args.device)})" if variant == "auto" else ""
-        )
+        label = LABELS[variant] + (f" (-> {auto_backend(args)})" if variant == "auto" else "")
         extrapolated = variant == "dcr" and scale != 1
         label += (" EXTRAPOLATED" if extrapolated else "") + (
             f" ({result['note']})" if result["note"] else ""
@@ -207,6 +264,8 @@ def summarise(args, results: dict[str, dict]) -> list[dict]:
             "seconds": seconds,
             "gflops": flop / seconds / 1e9,
             "of_matmul": matmul_seconds / seconds,
+            "of_bf16_matmul": None if bf16_seconds is None else bf16_seconds / seconds,
+            "recomputed": result.get("recomputed"),
             "peak_mib": peak / MIB,
             "dcr_time_ratio": base_seconds / seconds,
             "dcr_memory_ratio": base_bytes / max(peak, 1),
@@ -219,6 +278,9 @@ def summarise(args, results: dict[str, dict]) -> list[dict]:
             agree = sum(a == b for a, b in indices)
             diff = max(abs(a - b) for a, b in scores)
             row.update(agree=agree, compared=shared, top1=f"{agree}/{shared}", max_score_diff=diff)
+            if float32 is not None and variant != "dcr":
+                same = sum(a == b for a, b in zip(result["indices"], float32["indices"], strict=True))
+                row["float32_top1"] = f"{same}/{len(result['indices'])}"
         rows.append(row)
     return rows
 
@@ -235,10 +297,13 @@ def print_report(args, rows: list[dict], threads: int) -> None:
         ("seconds", "time (s)", ".2f"),
         ("gflops", "GFLOP/s", ".0f"),
         ("of_matmul", "% matmul", ".0%"),
+        ("of_bf16_matmul", "% bf16 matmul", ".0%"),
         ("peak_mib", "peak (MiB)", ".1f"),
         ("dcr_time_ratio", "DCR time/", ".1f"),
         ("dcr_memory_ratio", "DCR mem/", ".1f"),
         ("top1", "top-1 = DCR", ""),
+        ("float32_top1", "= float32", ""),
+        ("recomputed", "float32 again", "d"),
         ("max_score_diff", "max |ds|", ".1e"),
     ]
     print_table(rows, columns)
@@ -251,10 +316,11 @@ def print_report(args, rows: list[dict], threads: int) -> None:
             "linearly in G"
         )
     print(
-        "  % matmul: the faster matmul reference's time / variant time (target >= 60% for search_topk); DCR "
-        "time/ and DCR mem/: the DCR baseline's time and peak memory over the variant's; top-1 = DCR: top-1 "
-        "indices equal to the baseline's on the generations both searched; max |ds|: largest top-1 score "
-        "difference there"
+        "  % matmul: the faster float32 matmul reference's time / variant time (target >= 60% for "
+        "search_topk); % bf16 matmul: the bf16 reference's; DCR time/ and DCR mem/: the DCR baseline's time and "
+        "peak memory over the variant's; top-1 = DCR: top-1 indices equal to the baseline's on the generations "
+        "both searched; max |ds|: largest top-1 score difference there; = float32: top-1 indices equal to the "
+        "torch float32 search's; float32 again: queries the bf16 search could not prove, searched in float32"
     )
 
 
@@ -312,6 +378,8 @@ def main(argv=None) -> list[dict]:
     if args.device.startswith("cuda"):
         variants = [v for v in variants if v not in ("faiss", "matmul_numpy")]
         print("faiss and numpy matmul skipped: they run on the CPU only", flush=True)
+    else:
+        variants = [v for v in variants if v != "matmul_tf32"]
     options = {
         name: getattr(args, name) for name in ("generated", "train", "dim", "baseline_queries", "device")
     }

@@ -20,6 +20,12 @@ count_relevant, metrics). Both methods compute the same Q x N x D matrix product
 our matrix-product time is the largest speed-up any exact float32 method could reach: the report prints it as
 the ceiling next to the measured speed-up.
 
+The third method, `chunked_bf16`, is the same search with `precision="bf16_rerank"`
+(docs/replication.md#exact-search-at-bf16-speed: bf16 candidates, float64 re-scoring, a proof per query, float32
+for the queries without one): its time against the float32 chunked search and against the bf16 and float32
+matrix products alone (each timed in its worker), the queries it searched again in float32, and whether its top
+max(ks) of every query equals the float32 search's (indices, in order).
+
 Reference runs (2 AMD EPYC vCPUs, float32 MKL matrix product at 145-155 GFLOP/s, otherwise idle): chunked
 10.8-12.0 s and 407 MiB, baseline 52-53 s and ~15 GiB (extrapolated from 1000 queries), 4.5-4.8x faster. The
 matrix product is ~90% of our time and ~20% of the baseline's, which caps any exact float32 method at ~5x
@@ -36,6 +42,7 @@ import torch
 
 from benchmarks.harness import MIB, PeakMemory, argument_parser, print_result, print_table, run_worker, setup
 from src.metrics.retrieval import count_relevant, hit_matrix, metrics_from_hits, retrieval_metrics
+from src.metrics.search import bf16_rerank_topk, search_topk
 
 WORKER_OPTIONS = (
     "queries",
@@ -85,6 +92,50 @@ def full_argsort_metrics(query, database, query_labels, database_labels, ks):
     return metrics_from_hits(hits, count_relevant(query_labels, database_labels), ks)
 
 
+def chunked_bf16_metrics(query, database, query_labels, database_labels, ks, chunk_size):
+    """`retrieval_metrics(precision="bf16_rerank")` step by step, keeping the search's statistics: (metrics,
+    top-k indices, stats)."""
+    k = min(max(ks), database.shape[0])
+    _, indices, stats = bf16_rerank_topk(query, database, k, chunk_size=chunk_size, database_chunk_size=None)
+    hits = hit_matrix(query_labels, database_labels, indices)
+    metrics = metrics_from_hits(hits, count_relevant(query_labels, database_labels), ks)
+    return metrics, indices, stats
+
+
+def retrieval_topk_float32(query, database, k: int, chunk_size: int):
+    """The float32 search of `retrieval_topk`, for the indices the bf16 search is compared with."""
+    return search_topk(
+        query,
+        database,
+        k,
+        chunk_size=chunk_size,
+        database_chunk_size=None,
+        backend="torch",
+        precision="float32",
+    )
+
+
+def row_keys(indices: torch.Tensor) -> list[int]:
+    """One integer per query that changes when any of its retrieved indices or their order does."""
+    weights = torch.randint(1, 2**20, (indices.shape[1],), generator=torch.Generator().manual_seed(0))
+    return (indices.cpu().long() * weights).sum(dim=1).tolist()
+
+
+def bf16_matmul_seconds(query, database, chunk_size: int) -> float:
+    """The bf16 products of the chunked search alone (bf16 copies made outside the clock)."""
+    query, database = query.bfloat16(), database.bfloat16()
+    sync = torch.cuda.synchronize if query.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for q0 in range(0, query.shape[0], chunk_size):
+        if query.is_cuda:
+            torch.mm(query[q0 : q0 + chunk_size], database.T, out_dtype=torch.float32)
+        else:
+            query[q0 : q0 + chunk_size] @ database.T
+    sync()
+    return time.perf_counter() - start
+
+
 def time_phases(method: str, query, database, query_labels, database_labels, ks, chunk_size: int) -> dict:
     """Seconds spent in each phase of `method` ("chunked" or "full"), run step by step, a clock around each.
 
@@ -126,7 +177,7 @@ def time_phases(method: str, query, database, query_labels, database_labels, ks,
 def measure(args) -> dict:
     """One method (`args.worker`) in this fresh process: time, peak memory rise, metrics and phase times."""
     device = torch.device(args.device)
-    n_queries = args.queries if args.worker == "chunked" else args.baseline_queries
+    n_queries = args.baseline_queries if args.worker == "full" else args.queries
     query, database, query_labels, database_labels = make_data(
         args.queries, args.database, args.dim, args.labels, args.seed
     )
@@ -134,9 +185,17 @@ def measure(args) -> dict:
     database, database_labels = database.to(device), database_labels.to(device)
     ks = tuple(args.ks)
 
+    found = {}
+
     def method(q, ql):
         if args.worker == "chunked":
-            return retrieval_metrics(q, database, ql, database_labels, ks=ks, chunk_size=args.chunk_size)
+            kwargs = {"ks": ks, "chunk_size": args.chunk_size, "precision": "float32"}
+            return retrieval_metrics(q, database, ql, database_labels, **kwargs)
+        if args.worker == "chunked_bf16":
+            metrics, found["indices"], found["stats"] = chunked_bf16_metrics(
+                q, database, ql, database_labels, ks, args.chunk_size
+            )
+            return metrics
         return full_argsort_metrics(q, database, ql, database_labels, ks)
 
     method(query[:8], query_labels[:8])  # warm-up: kernel / BLAS initialisation stays out of the timing
@@ -148,9 +207,18 @@ def measure(args) -> dict:
         torch.cuda.synchronize(device)
     result = {"queries": n_queries, "seconds": time.perf_counter() - start, "peak_bytes": memory.rise()}
     result.update(note=memory.note, metrics=metrics, threads=torch.get_num_threads())
+    if args.worker == "chunked_bf16":
+        result["recomputed"] = found["stats"]["recomputed"]
+        result["row_keys"] = row_keys(found["indices"])
+        result["matmul_bf16"] = bf16_matmul_seconds(query, database, args.chunk_size)
+        return result
     result["phases"] = time_phases(
         args.worker, query, database, query_labels, database_labels, ks, args.chunk_size
     )
+    if args.worker == "chunked":
+        k = min(max(ks), database.shape[0])
+        _, indices = retrieval_topk_float32(query, database, k, args.chunk_size)
+        result["row_keys"] = row_keys(indices)
     if args.worker == "chunked":  # reference values on the baseline's queries, outside the measurement
         n_shared = min(args.baseline_queries, n_queries)
         result["shared_metrics"] = method(query[:n_shared], query_labels[:n_shared])
@@ -194,6 +262,31 @@ def print_phases(args, ours: dict, base: dict, scale: float) -> None:
         f"{base_total / ours_phases['matmul']:.1f}x from the phases, "
         f"{base['seconds'] * scale / ours_phases['matmul']:.1f}x from the measured baseline call (the two "
         "baseline timings differ when other processes share the CPU)"
+    )
+
+
+def print_bf16(args, ours: dict, bf16: dict) -> None:
+    """The bf16 search against the float32 one and against both matrix-product references."""
+    flop = 2.0 * args.queries * args.database * args.dim
+    same = sum(a == b for a, b in zip(bf16["row_keys"], ours["row_keys"], strict=True))
+    diff = max(abs(bf16["metrics"][key] - ours["metrics"][key]) for key in ours["metrics"])
+    rows = [
+        {"method": "float32 matrix product alone", "seconds": ours["phases"]["matmul"]},
+        {"method": "bf16 matrix product alone", "seconds": bf16["matmul_bf16"]},
+        {"method": "chunked top-k float32", "seconds": ours["seconds"]},
+        {"method": "chunked top-k bf16 + re-rank", "seconds": bf16["seconds"]},
+    ]
+    for row in rows:
+        row["gflops"] = flop / row["seconds"] / 1e9
+        row["speedup"] = ours["seconds"] / row["seconds"]
+    print(f"\nbf16 + exact re-ranking at Q={args.queries} (peak rise {bf16['peak_bytes'] / MIB:.1f} MiB):")
+    columns = [("method", "method", ""), ("seconds", "time (s)", ".2f"), ("gflops", "GFLOP/s", ".0f")]
+    print_table(rows, columns + [("speedup", "float32 search / this", ".2f")])
+    print(
+        f"bf16 search: {bf16['matmul_bf16'] / bf16['seconds']:.0%} of the bf16 product alone, "
+        f"{ours['phases']['matmul'] / bf16['seconds']:.0%} of the float32 one; {bf16['recomputed']} of "
+        f"{args.queries} queries searched again in float32; top {max(args.ks)} equal to float32's (indices, in "
+        f"order) for {same} of {args.queries} queries; max |metric difference| {diff:.1e}"
     )
 
 
@@ -245,13 +338,14 @@ def print_report(args, ours: dict, base: dict) -> None:
 
 
 def parse_args(argv=None):
-    parser = argument_parser(__doc__, workers=("chunked", "full"))
+    parser = argument_parser(__doc__, workers=("chunked", "chunked_bf16", "full"))
     parser.add_argument("--queries", type=int, default=10000)
     parser.add_argument("--database", type=int, default=100000)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--labels", type=int, default=1000, help="number of one-hot classes")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--no-bf16", action="store_true", help="leave out the bf16 + re-rank search")
     parser.add_argument(
         "--baseline-queries",
         type=int,
@@ -283,6 +377,11 @@ def main(argv=None) -> tuple[dict, dict]:
     print(f"running full-argsort baseline on {args.baseline_queries} queries ...", flush=True)
     base = run_worker("retrieval_metrics", "full", options)
     print_report(args, ours, base)
+    if not args.no_bf16:
+        print(f"\nrunning chunked top-k, bf16 + re-rank, on {args.queries} queries ...", flush=True)
+        bf16 = run_worker("retrieval_metrics", "chunked_bf16", options)
+        print_bf16(args, ours, bf16)
+        ours["bf16"] = bf16
     return ours, base
 
 

@@ -296,6 +296,11 @@ def apply_inference_mitigation(
     return INFERENCE_MITIGATIONS[name](prompt, rng, repeats, tokenizer)
 
 
+def mitigation_tag(options: dict) -> str:
+    """The folder tag of one inference-mitigation setting: its `label` when given, else its `name`."""
+    return str(options.get("label", options["name"]))
+
+
 # ---------------------------------- mitigations inside sampling (docs/detection.md#inference-time-mitigations)
 
 

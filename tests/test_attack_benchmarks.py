@@ -111,3 +111,5 @@ def test_detection_cost_benchmark_table(capsys, quiet_cpu):
     assert names[5] == "plain sampling (per image)" and len(names) == 9
     assert all(row["ms"] > 0 and row["ratio"] > 0 for row in result["rows"])
     assert "One generation of one prompt" in capsys.readouterr().out
+    only = detection_cost.main([*tiny, "--only", "mitigations", "model.sample_steps=2"])["rows"]
+    assert [row["what"] for row in only] == names[5:]

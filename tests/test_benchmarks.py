@@ -148,6 +148,9 @@ def test_retrieval_benchmark_runs_each_method_in_its_own_process(capsys, one_thr
     out = capsys.readouterr().out
     assert "EXTRAPOLATED x2.0" in out and "max |chunked - baseline| = 0.00e+00" in out
     assert "ceiling for any exact float32 method" in out
+    # the bf16 search: the same top 100 of every query as float32's, the same metrics
+    assert ours["bf16"]["row_keys"] == ours["row_keys"] and ours["bf16"]["metrics"] == ours["metrics"]
+    assert "equal to float32's (indices, in order) for 40 of 40 queries" in out
 
 
 # ---- replication search ----------------------------------------------------------------------------------
@@ -162,7 +165,7 @@ def test_features_are_seeded_unit_vectors():
     assert torch.equal(generated, again)
 
 
-@pytest.mark.parametrize("variant", ["auto", "torch", "torch_half", "faiss", "dcr"])
+@pytest.mark.parametrize("variant", ["auto", "torch", "torch_half", "bf16_rerank", "faiss", "dcr"])
 def test_every_search_variant_finds_the_brute_force_top1(variant):
     args = replication_search.parse_args([*TINY, "--baseline-queries", "40"])
     result = replication_search.measure(variant, args)
@@ -177,7 +180,7 @@ def test_every_search_variant_finds_the_brute_force_top1(variant):
 
 def test_matmul_references_return_no_matches():
     args = replication_search.parse_args(TINY)
-    for variant in ("matmul", "matmul_numpy"):
+    for variant in ("matmul", "matmul_numpy", "matmul_bf16"):
         result = replication_search.measure(variant, args)
         assert result["seconds"] > 0 and "indices" not in result
 
@@ -185,16 +188,18 @@ def test_matmul_references_return_no_matches():
 def test_search_benchmark_table_in_process(capsys, one_thread):
     rows = replication_search.main([*TINY, "--baseline-queries", "10", "--in-process"])
     out = capsys.readouterr().out
-    assert [row["variant"] for row in rows] == list(replication_search.VARIANTS)
+    assert [row["variant"] for row in rows] == [v for v in replication_search.VARIANTS if v != "matmul_tf32"]
     keys = {"label", "seconds", "gflops", "of_matmul", "peak_mib", "dcr_time_ratio", "dcr_memory_ratio"}
     assert all(keys <= set(row) for row in rows)
     by_variant = {row["variant"]: row for row in rows}
     # The DCR baseline ran on 10 of the 40 generations, extrapolated x4; every search agrees with it there.
     assert by_variant["dcr"]["measured_generated"] == 10 and by_variant["dcr"]["extrapolated"]
     assert "DCR full matrix + topk EXTRAPOLATED" in out
-    for variant in ("auto", "torch", "faiss"):
+    for variant in ("auto", "torch", "bf16_rerank", "faiss"):
         assert by_variant[variant]["agree"] == by_variant[variant]["compared"] == 10
         assert by_variant[variant]["max_score_diff"] < 1e-5
+        assert by_variant[variant]["float32_top1"] == "40/40"
+    assert by_variant["bf16_rerank"]["recomputed"] >= 0 and by_variant["bf16_rerank"]["of_bf16_matmul"] > 0
     assert by_variant["auto"]["label"].endswith("(-> torch)")  # N = 300 < FAISS_MIN_DATABASE
     assert max(by_variant[v]["of_matmul"] for v in ("matmul", "matmul_numpy")) == pytest.approx(1.0)
 

@@ -265,7 +265,11 @@ def study(tmp_path_factory, data_dir):
     for job, arm in enumerate(STUDY_ARMS):
         overrides = ["experiment=t2i_mitigations", f"+ablation={arm}", *tiny_text2img_overrides(data_dir)]
         if arm == "none":
-            overrides.append("callbacks.replication.inference_mitigations=[{name: gni, lam: 0.1}]")
+            # two settings of one mitigation: the second needs its own label (folder tag)
+            overrides.append(
+                "callbacks.replication.inference_mitigations="
+                "[{name: gni, lam: 0.1}, {name: gni, label: gni_strong, lam: 0.5}]"
+            )
         train(compose_config("train.yaml", overrides, multirun / str(job)))
     return {"root": root, "multirun": multirun}
 
@@ -280,10 +284,13 @@ def test_aggregate_of_tiny_trained_arms(study, tmp_path, capsys):
         ("train", "mc"),
         ("inference", "none"),
         ("inference", "gni (lam=0.1)"),
+        ("inference", "gni (lam=0.5)"),
     ]
+    assert [a.generated_dir.name for a in arms[-2:]] == ["final_gni", "final_gni_strong"]
     for arm in arms:
         summary = json.loads((arm.run_dir / "replication" / "summary.json").read_text())
-        tag = "train" if arm.kind != "inference" or arm.method == "none" else f"inference_{arm.method}"
+        folder = arm.generated_dir.name.removeprefix("final_")
+        tag = "train" if arm.kind != "inference" or arm.method == "none" else f"inference_{folder}"
         assert arm.row["sim_95pc"] == pytest.approx(
             summary["metrics"][f"replication/{tag}/sim_95pc"], abs=1e-5
         )
@@ -311,6 +318,6 @@ def test_notebook_shows_the_newest_caption_study(study, monkeypatch):
     tables = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert sum("sim_95pc" in t for t in tables) == 3  # one table per group: conditioning, train, inference
     galleries = [t for t in tables if "similarity" in t and "prompt" in t]
-    assert len(galleries) == 4  # each arm once: the reference, mc, nolevel, gni
+    assert len(galleries) == 5  # each arm once: the reference, mc, nolevel, gni, gni_strong
     assert "fed to mc" in text and sum("caption_0" in t for t in tables) == 3  # what each run was fed
     assert "- train-time mc vs none:" in text  # the findings

@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from src.evaluate import evaluate, pca_reduce
 from src.metrics import retrieval_metrics
+from src.metrics.search import bf16_rerank_topk, search_topk
 from src.train import train
 from src.utils.embeddings import load_embeddings
 from tests.conftest import TINY_BENCH, compose_config, tiny_overrides
@@ -92,3 +94,14 @@ def test_csd_checkpoint_scores_like_its_training_run(data_dir, tmp_path):
     metrics = evaluate(cfg)
     for key in ("mAP@1", "mAP@10", "recall@10"):
         assert metrics[key] == pytest.approx(trained[f"test/{key}"], abs=1e-6), key
+    # Real CSD embeddings: the bf16 search with exact re-ranking returns float32's top 100, in order.
+    saved = load_embeddings(tmp_path / "eval" / "embeddings.npz")
+    query, database = saved["query"], saved["database"]
+    k = min(100, len(database))
+    float32 = search_topk(query, database, k, backend="torch", precision="float32")
+    _, indices, stats = bf16_rerank_topk(query, database, k)
+    assert torch.equal(indices, float32[1]) and stats["queries"] == len(query)
+    labels = (saved["query_labels"], saved["database_labels"])
+    assert retrieval_metrics(query, database, *labels, precision="bf16_rerank") == retrieval_metrics(
+        query, database, *labels, precision="float32"
+    )

@@ -173,3 +173,142 @@ def test_the_engine_is_reachable_from_its_public_paths():
     assert replication_search_topk is search_topk
     scores, indices = retrieval_topk(QUERY, DATABASE, 3)
     assert torch.equal(indices, brute_force(QUERY, DATABASE, 3)[1])
+
+
+# ---- bf16 products, exact re-ranking, a proof per query ---------------------------------------------------------------
+def bf16_scores(query, database, bf16_output=True):
+    """What the bf16 pass computes: the bf16 roundings' products accumulated in float32 (rounded to bf16 on the
+    CPU)."""
+    scores = query.bfloat16().float() @ database.bfloat16().float().T
+    return scores.bfloat16().float() if bf16_output else scores
+
+
+def test_bf16_score_bound_holds_on_adversarial_and_random_vectors():
+    # Adversarial: every entry just below a bf16 rounding midpoint, all products positive: both roundings lose
+    # almost u per entry, in the same direction, so the error approaches 2u |q| |x|.
+    dim = 256
+    v = (1 + 2.0**-8 - 2.0**-20) / 16  # rounds down to 1/16 in bf16
+    worst = torch.full((1, dim), v)
+    error = (bf16_scores(worst, worst) - (worst.double() @ worst.double().T)).abs().item()
+    bound = search.bf16_score_bound(dim, bf16_output=True)
+    relative = error / worst.double().norm().item() ** 2
+    assert 1.9 * 2.0**-8 < relative <= bound  # the bound is met and nearly reached (2u of its 3u)
+    # Random and near-tied vectors: measured errors stay inside, the float32-output bound too.
+    query, database = features(64, 512, seed=3), features(2000, 512, seed=4)
+    database[1000:] = database[:1000] + 1e-4 * features(1000, 512, seed=5)  # near-ties
+    exact = query.double() @ database.double().T
+    norms = query.double().norm(dim=1)[:, None] * database.double().norm(dim=1)[None, :]
+    for bf16_output in (True, False):
+        measured = ((bf16_scores(query, database, bf16_output).double() - exact).abs() / norms).max().item()
+        assert measured <= search.bf16_score_bound(512, bf16_output)
+    assert search.bf16_score_bound(512, False) < search.bf16_score_bound(512, True) < 0.012
+    with pytest.raises(ValueError, match="dim must be"):
+        search.bf16_score_bound(0, True)
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_bf16_rerank_equals_float32_search(k, exclude_self):
+    query, database = features(300, 64, seed=6), features(3000, 64, seed=7)
+    if exclude_self:
+        query = database
+    expected = search_topk(
+        query, database, k, database_chunk_size=700, exclude_self=exclude_self, backend="torch"
+    )
+    scores, indices, stats = search.bf16_rerank_topk(
+        query, database, k, chunk_size=128, database_chunk_size=700, exclude_self=exclude_self
+    )
+    assert torch.equal(indices, expected[1])
+    assert (scores - expected[0]).abs().max() <= 1e-6 and scores.dtype == torch.float32
+    assert stats["queries"] == len(query) and stats["candidates"] == search.default_candidates(k)
+    assert stats["recomputed"] < len(query) // 4  # most queries are proven from their candidates
+    # through search_topk at the default tiles: float32's answer at those tiles (float32's own order of two
+    # scores within its rounding can depend on the tile shape)
+    via_search = search_topk(query, database, k, exclude_self=exclude_self, precision="bf16_rerank")
+    float32 = search_topk(query, database, k, exclude_self=exclude_self, precision="float32")
+    assert torch.equal(via_search[1], float32[1])
+
+
+def test_a_wrong_bf16_neighbour_is_caught_and_recomputed():
+    # Plant two rows whose true scores differ by less than the bf16 error, in the order bf16 gets wrong.
+    normalize = torch.nn.functional.normalize
+    generator = torch.Generator().manual_seed(8)
+    query = features(1, 128, seed=9)
+    base = normalize(0.1 * query + features(1, 128, seed=10), dim=1)  # scores ~0.1
+    for _ in range(10_000):
+        other = normalize(base + 3e-4 * torch.randn(1, 128, generator=generator), dim=1)
+        pair = torch.cat([base, other])
+        true = (query.double() @ pair.double().T)[0]
+        wrong = bf16_scores(query, pair)[0]
+        if (true[1] - true[0]) > 1e-4 and wrong[0] > wrong[1]:
+            break
+    else:
+        raise AssertionError("no planted pair found")
+    others = features(50, 128, seed=11)
+    others = normalize(others - (others @ query.T) * query, dim=1)  # orthogonal to the query: scores ~0
+    database = torch.cat([others, pair])  # the pair are the two best rows: 50, 51
+    assert bf16_scores(query, database).argmax().item() == 50  # bf16 alone picks the wrong neighbour
+    # With one candidate the bf16 winner is the only one kept: its proof fails, float32 answers.
+    scores, indices, stats = search.bf16_rerank_topk(query, database, 1, candidates=1)
+    assert indices.item() == 51 and stats["unproven"] == 1 and stats["recomputed"] == 1
+    # With the default candidates both are kept and the exact re-scoring orders them.
+    scores, indices, stats = search.bf16_rerank_topk(query, database, 1)
+    assert indices.item() == 51 and stats["recomputed"] == 0
+    assert scores.item() == pytest.approx(true[1].item(), abs=1e-7)
+
+
+def test_bf16_near_ties_and_duplicates_get_float32s_answer():
+    database = features(400, 32, seed=12)
+    database = torch.cat([database, database[:50], database[:50] + 1e-8])  # exact and near-exact duplicates
+    query = features(80, 32, seed=13)
+    query[:50] = database[:50]
+    expected = search_topk(query, database, 3, database_chunk_size=100, backend="torch")
+    scores, indices, stats = search.bf16_rerank_topk(query, database, 3, database_chunk_size=100)
+    assert torch.equal(indices, expected[1]) and torch.equal(scores[:50], expected[0][:50])
+    assert stats["near_ties"] >= 50 and stats["recomputed"] >= 50
+    # exclude_self on a set with copies: the queries searched again keep excluding their own row
+    expected = search_topk(database, database, 2, exclude_self=True, backend="torch")
+    _, indices, stats = search.bf16_rerank_topk(database, database, 2, exclude_self=True)
+    assert torch.equal(indices, expected[1]) and stats["recomputed"] > 0
+    assert (indices != torch.arange(len(database))[:, None]).all()
+
+
+def test_bf16_float64_inputs_and_small_databases():
+    query, database = QUERY.double(), DATABASE.double()
+    scores, indices, stats = search.bf16_rerank_topk(query, database, 4)
+    expected = brute_force(query, database, 4)
+    assert scores.dtype == torch.float64 and torch.equal(indices, expected[1])
+    assert torch.allclose(scores, expected[0], atol=1e-12)
+    # every row a candidate: nothing is left out, so every query is proven
+    _, indices, stats = search.bf16_rerank_topk(QUERY, DATABASE[:10], 3, candidates=50)
+    assert stats["candidates"] == 10 and stats["unproven"] == 0
+    assert torch.equal(indices, brute_force(QUERY, DATABASE[:10], 3)[1])
+
+
+def test_precision_auto_and_bad_precision_options(monkeypatch):
+    calls = []
+    real = search.bf16_rerank_topk
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search, "bf16_rerank_topk", spy)
+    monkeypatch.setattr(search, "bf16_is_native", lambda device: False)
+    search_topk(QUERY, DATABASE, 2, precision="auto")
+    assert not calls  # no native bf16: float32
+    monkeypatch.setattr(search, "bf16_is_native", lambda device: True)
+    search_topk(QUERY, DATABASE, 2, precision="auto")
+    assert not calls  # too small to gain: float32
+    monkeypatch.setattr(search, "AUTO_BF16_MIN_PRODUCTS", 1)
+    _, indices = search_topk(QUERY, DATABASE, 2, precision="auto")
+    assert len(calls) == 1 and torch.equal(indices, brute_force(QUERY, DATABASE, 2)[1])
+    search_topk(QUERY, DATABASE, search.AUTO_BF16_MAX_K + 1, precision="auto")
+    assert len(calls) == 1  # many neighbours: float32
+    with pytest.raises(ValueError, match="precision must be one of"):
+        search_topk(QUERY, DATABASE, precision="bf16")
+    with pytest.raises(ValueError, match="half=False"):
+        search_topk(QUERY, DATABASE, precision="bf16_rerank", half=True)
+    with pytest.raises(ValueError, match="candidates must be >= k = 5"):
+        search.bf16_rerank_topk(QUERY, DATABASE, 5, candidates=2)
+    assert isinstance(search.bf16_is_native("cpu"), bool)

@@ -90,6 +90,7 @@ def test_unknown_experiment_lists_the_valid_ones():
         ("ddpm_celebahq", "+sweep=extraction_architecture_celebahq", "params"),
         ("t2i_mitigations", "+sweep=extraction_mitigations", "params"),
         ("t2i_mitigations", "+sweep=memorization_detection", "params"),
+        ("t2i_mitigations", "+sweep=memorization_mitigation_settings", "params"),
     ],
 )
 def test_sweep_and_launcher_configs_compose(experiment, search, target):
@@ -127,6 +128,20 @@ def test_study_sweeps_give_each_arm_its_own_work():
             cfg.run_name == f"memorization_detection_{duplication}"
             and len(cfg.callbacks.detect.detectors) == 6
         )
+    settings = compose_with_hydra(
+        ["experiment=t2i_mitigations", "+sweep=memorization_mitigation_settings"]
+    ).callbacks.replication.inference_mitigations
+    assert [m.name for m in settings] == ["prompt_embedding"] * 2 + ["delayed_guidance"] * 2
+    assert len({m.label for m in settings}) == 4 and all(m.per_generation for m in settings[:2])
+
+
+def test_two_settings_of_one_mitigation_need_their_own_labels():
+    from src.callbacks.diffusion import ReplicationAnalysis
+
+    settings = [{"name": "gni", "lam": 0.1}, {"name": "gni", "lam": 0.5}]
+    with pytest.raises(ValueError, match=r"\['gni'\] appear more than once.*label"):
+        ReplicationAnalysis(None, inference_mitigations=settings)
+    ReplicationAnalysis(None, inference_mitigations=[settings[0], {**settings[1], "label": "gni_strong"}])
 
 
 def check_csd_run(run_dir: Path, metrics: dict) -> None:

@@ -35,6 +35,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import yaml
 
+from src.mitigations import mitigation_tag
 from src.plots import draw_image_rows, save_figure
 from src.replication import study
 from src.replication.study import (
@@ -133,8 +134,9 @@ class Arm:
 
 
 def arm_label(options: dict) -> str:
-    """ "rc (p=0.1)" for {"name": "rc", "p": 0.1}; the bare name when there are no options."""
-    extra = ", ".join(f"{k}={v}" for k, v in options.items() if k != "name")
+    """ "rc (p=0.1)" for {"name": "rc", "p": 0.1}; the bare name when there are no options (a `label` is a
+    folder tag, not an option)."""
+    extra = ", ".join(f"{k}={v}" for k, v in options.items() if k not in ("name", "label"))
     return f"{options['name']} ({extra})" if extra else options["name"]
 
 
@@ -220,7 +222,7 @@ def load_arms(run_dir: Path) -> list[Arm]:
         first = [("conditioning", {"name": conditioning}), ("train", none), ("inference", none)]
     sets = [(kind, options, "train", "final") for kind, options in first]
     sets += [
-        ("inference", m, f"inference_{m['name']}", f"final_{m['name']}")
+        ("inference", m, f"inference_{mitigation_tag(m)}", f"final_{mitigation_tag(m)}")
         for m in summary.get("inference_mitigations", [])
     ]
     arms = []

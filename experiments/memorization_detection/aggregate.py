@@ -3,8 +3,11 @@ that make the model copy, and what each inference-time mitigation does to copyin
 
     python experiments/memorization_detection/aggregate.py logs/train/multiruns/<multirun> [more] [--out OUT]
 
-The runs are the folders holding `detection/detectors.csv` (written by `callbacks.detect`), one per arm of the
-study (`data.duplication`: nodup, dup_image). Written to OUT (default: the first folder given):
+The runs are the `src.train` run folders below the folders given: those holding `detection/detectors.csv`
+(written by `callbacks.detect`; one per arm of the study, `data.duplication`: nodup, dup_image) give detector
+rows, those that generated with inference mitigations give mitigation rows (the study's `nodup` run; the run of
+conf/sweep/memorization_mitigation_settings.yaml, further settings of the newer mitigations). Written to OUT
+(default: the first folder given):
 
 - detectors.csv / .md: per arm and detector, ROC AUC and TPR at 1% FPR with their 95% bootstrap intervals
   (memorized prompts against the others, the run's ground truth), the Spearman correlation of the score with the
@@ -237,6 +240,7 @@ def mitigation_rows(run: Path, caption) -> list[dict]:
         if arm.method == "none":
             plain = row["seconds_per_image"]
         row["run"] = f"{run.parent.name}/{run.name}"
+        row["label"] = arm.method if arm.method == "none" else arm.generated_dir.name.removeprefix("final_")
         rows.append(row)
     for row in rows:
         seconds = row.get("seconds_per_image")
@@ -288,8 +292,10 @@ def draw_mitigations(rows: list[dict]):
     face references as vertical lines, the noise floor in the axis label."""
     fig, axis = plt.subplots(figsize=(7, 5))
     floor = ""
-    for row in rows:
-        name = row["mitigation"].split(" (")[0]
+    short = [row["mitigation"].split(" (")[0] for row in rows]
+    for row, name in zip(rows, short, strict=True):
+        if short.count(name) > 1:  # two settings of one mitigation: their folder labels tell them apart
+            name = row.get("label", name)
         if row.get("share_gt_thr") is None:
             if name.startswith("uniform noise"):
                 floor = f"; uniform noise: {row['realism']:.2f}"
@@ -324,9 +330,9 @@ def with_interval(value, low, high) -> str | None:
 
 def write_study(detectors: list[dict], mitigations: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(detectors, out / "detectors.csv", DETECTOR_COLUMNS)
-    lines = ["# Detectors of memorized prompts", ""]
     if detectors:
+        write_csv(detectors, out / "detectors.csv", DETECTOR_COLUMNS)
+        lines = ["# Detectors of memorized prompts", ""]
         table = [
             {
                 **r,
@@ -354,7 +360,7 @@ def write_study(detectors: list[dict], mitigations: list[dict], out: Path) -> No
         )
         lines += [markdown_table(table, columns), ""]
         save_figure(draw_detectors(detectors), out / "detectors.png")
-    (out / "detectors.md").write_text("\n".join(lines) + "\n")
+        (out / "detectors.md").write_text("\n".join(lines) + "\n")
     if mitigations:
         write_csv(mitigations, out / "mitigations.csv", MITIGATION_COLUMNS)
         columns = (
@@ -387,19 +393,26 @@ def main(argv=None) -> tuple[list[dict], list[dict]]:
     args = parse_study_args(argv, __doc__)
     runs = find_runs(
         args.folders,
-        "train with callbacks.detect.detectors=[...] (conf/sweep/memorization_detection.yaml)",
-        marker="detection/detectors.csv",
+        "train with callbacks.detect.detectors=[...] or callbacks.replication.inference_mitigations=[...] "
+        "(conf/sweep/memorization_detection.yaml, conf/sweep/memorization_mitigation_settings.yaml)",
     )
     caption = load_caption_aggregate()
     detectors, mitigations = [], []
     for run in runs:
-        detectors += detector_rows(run)
+        if (run / "detection" / "detectors.csv").is_file():
+            detectors += detector_rows(run)
         summary = read_json(run / "replication" / "summary.json")
         if summary.get("inference_mitigations"):
             mitigations += mitigation_rows(run, caption)
+    if not detectors and not mitigations:
+        raise FileNotFoundError(
+            f"{', '.join(map(str, args.folders))}: no run holds a detection report or generations with inference "
+            "mitigations; see conf/sweep/memorization_detection.yaml"
+        )
     out = Path(args.out)
     write_study(detectors, mitigations, out)
-    print((out / "detectors.md").read_text())
+    if detectors:
+        print((out / "detectors.md").read_text())
     if mitigations:
         print((out / "mitigations.md").read_text())
     return detectors, mitigations

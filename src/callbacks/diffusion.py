@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from src.mitigations import mitigation_tag
 from src.plots import draw_similarity_histogram, image_grid, save_figure
 from src.utils.checkpoints import state_digest
 
@@ -112,9 +113,10 @@ class ReplicationAnalysis(Callback):
     training prompts drawn as DCR does (docs/memorization.md#generation-protocol, seeded by `prompt_seed`),
     the reports split the statistics by up-weighted training images when the data saved sampling weights, and
     `clip_score` / `fid` (options of `analyse_replication`) can be switched on. Each of
-    `inference_mitigations` ({name: gni | rt | cwr | rna, ...},
-    docs/memorization.md#inference-time-mitigations) generates again into `samples/final_<name>/` and is
-    reported as `replication/inference_<name>/`.
+    `inference_mitigations` ({name: gni | rt | cwr | rna | prompt_embedding | ..., optional label, options},
+    docs/memorization.md#inference-time-mitigations) generates again into `samples/final_<label>/` and is
+    reported as `replication/inference_<label>/`; the label defaults to the name, so two settings of one
+    mitigation need labels of their own.
     """
 
     def __init__(
@@ -142,6 +144,13 @@ class ReplicationAnalysis(Callback):
         self.control, self.feature_batch_size, self.cache_dir = control, feature_batch_size, cache_dir
         self.prompt_seed = prompt_seed
         self.inference_mitigations = [dict(m) for m in (inference_mitigations or [])]
+        tags = [mitigation_tag(m) for m in self.inference_mitigations]
+        repeated = sorted({t for t in tags if tags.count(t) > 1})
+        if repeated:
+            raise ValueError(
+                f"inference_mitigations: {repeated} appear more than once, and each writes samples/final_<label>/: "
+                "give each setting its own `label` (e.g. {name: prompt_embedding, label: pe_target_0.4, ...})"
+            )
         self.clip_score, self.fid = clip_score, fid
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -175,12 +184,15 @@ class ReplicationAnalysis(Callback):
             )
         variants = [
             ("train", {"name": "none"}),
-            *((f"inference_{m['name']}", m) for m in self.inference_mitigations),
+            *((f"inference_{mitigation_tag(m)}", m) for m in self.inference_mitigations),
         ]
         metrics, top1, sizes = {}, {}, {}
         digest = state_digest(pl_module)  # keys every generation folder below; computed once
         for tag, mitigation in variants:
-            folder = run_dir / "samples" / ("final" if tag == "train" else f"final_{mitigation['name']}")
+            folder = (
+                run_dir / "samples" / ("final" if tag == "train" else f"final_{mitigation_tag(mitigation)}")
+            )
+            mitigation = {k: v for k, v in mitigation.items() if k != "label"}
             generate_to_folder(
                 pl_module,
                 folder,

@@ -43,7 +43,9 @@ def _as_labels(x, name: str) -> torch.Tensor:
     return x if x.dtype == torch.bool else x != 0
 
 
-def retrieval_topk(query, database, k: int, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieval_topk(
+    query, database, k: int, chunk_size: int = 1024, precision: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k inner-product search for retrieval: `search_topk` with the torch backend, one chunk_size x N
     score tile at a time, on the query's device.
 
@@ -53,12 +55,22 @@ def retrieval_topk(query, database, k: int, chunk_size: int = 1024) -> tuple[tor
         database: (N, D) embeddings; moved to the query's device.
         k: neighbours per query; clipped to N.
         chunk_size: queries per chunk; peak extra memory is about chunk_size * N scores.
+        precision: "float32", "bf16_rerank" or "auto" (`search_topk`: bf16 products with exact re-ranking where
+            bf16 is native and the search is large; the same indices either way).
 
     Returns:
         scores (Q, min(k, N)) float, sorted descending, and indices (Q, min(k, N)) int64 into `database`, on the
         query's device. Ties are ordered as torch.topk orders them.
     """
-    return search_topk(query, database, k, chunk_size=chunk_size, database_chunk_size=None, backend="torch")
+    return search_topk(
+        query,
+        database,
+        k,
+        chunk_size=chunk_size,
+        database_chunk_size=None,
+        backend="torch",
+        precision=precision,
+    )
 
 
 def hit_matrix(query_labels, database_labels, indices) -> torch.Tensor:
@@ -187,7 +199,13 @@ def metrics_from_hits(hits: torch.Tensor, n_relevant: torch.Tensor, ks=(1, 10, 1
 
 
 def retrieval_metrics(
-    query, database, query_labels, database_labels, ks=(1, 10, 100), chunk_size: int = 1024
+    query,
+    database,
+    query_labels,
+    database_labels,
+    ks=(1, 10, 100),
+    chunk_size: int = 1024,
+    precision: str = "auto",
 ) -> dict[str, float]:
     """mAP@k, recall@k and MRR@k as in the official CSD code, plus standardAP@k, by chunked exact top-k search.
 
@@ -198,6 +216,7 @@ def retrieval_metrics(
         database_labels: (N, L) multi-hot labels.
         ks: cut-offs. A k larger than N is evaluated at N (the key keeps the requested k).
         chunk_size: queries per similarity chunk (peak extra memory ~ chunk_size * N floats).
+        precision: the search's precision (`retrieval_topk`).
 
     Returns:
         {"mAP@k", "recall@k", "MRR@k", "standardAP@k"} for each k, floats in [0, 1].
@@ -228,7 +247,7 @@ def retrieval_metrics(
         )
     if len(ks) == 0 or min(ks) < 1:
         raise ValueError(f"ks must be a non-empty list of positive ints, got {ks}")
-    _, indices = retrieval_topk(query, database, max(ks), chunk_size)
+    _, indices = retrieval_topk(query, database, max(ks), chunk_size, precision)
     hits = hit_matrix(query_labels, database_labels, indices)
     n_relevant = count_relevant(query_labels.to(query.device), database_labels)
     return metrics_from_hits(hits, n_relevant, ks)

@@ -11,13 +11,21 @@ on the GPU (somepago/DCR `diff_retrieval.py`), which does not fit for LAION-scal
   into float32 outputs, on CPU (where float16 matmul is slow) each block is upcast to float32 once.
 - `faiss_topk` (`backend="faiss"`): faiss.IndexFlatIP, exact inner-product search with faiss's own blocked
   BLAS + heap loop (bounded memory too), on CPU.
+- `bf16_rerank_topk` (`precision="bf16_rerank"`): the same blocked search in bfloat16 keeps k + m candidates per
+  query, re-scores them exactly, and proves per query that no other database row can enter the top k (the bound
+  of `bf16_score_bound`, derived in docs/replication.md#exact-search-at-bf16-speed); queries without the proof,
+  or whose re-scored top k holds a near-tie that float32's own rounding decides, are searched again in float32.
 
 Scores are inner products: pass L2-normalised features for cosine similarity. `as_features` is the one check of
 feature matrices for every function of `src.metrics`.
 """
 
+import logging
+
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "faiss")
 # backend="auto" hands CPU float32 searches over databases at least this large to faiss (when installed).
@@ -25,6 +33,20 @@ FAISS_MIN_DATABASE = 50_000
 # How far from 1 a row's L2 norm may be before `as_features(unit_norm=True)` rejects it as not normalised. Loose
 # enough for features normalised in float16 (relative precision ~1e-3), tight enough to catch raw features.
 NORM_TOLERANCE = 1e-2
+PRECISIONS = ("float32", "bf16_rerank", "auto")
+BF16_ROUNDOFF = 2.0**-8  # unit roundoff of bfloat16: 8 significant bits, round to nearest even
+FLOAT32_ROUNDOFF = 2.0**-24
+FLOAT64_ROUNDOFF = 2.0**-53
+# Re-scored candidates closer than this (times |q| max |x|) are in float32's own rounding noise (float32 matrix
+# products of unit vectors at D = 512-768 err by up to ~1e-7 in practice): such a query is left to the float32
+# engine, so that its order is float32's.
+NEAR_TIE = 2.0**-20
+# precision="auto" picks bf16_rerank when bf16 is native on the device, Q * N * D is at least
+# AUTO_BF16_MIN_PRODUCTS and k is at most AUTO_BF16_MAX_K: with more neighbours the re-ranking, and the queries
+# whose top k holds a near-tie (a third of them at k = 100 on clustered features), cost more than bf16 saves
+# (docs/replication.md#exact-search-at-bf16-speed).
+AUTO_BF16_MIN_PRODUCTS = 2**32
+AUTO_BF16_MAX_K = 16
 
 
 def as_features(x, name: str, unit_norm: bool = False) -> torch.Tensor:
@@ -102,6 +124,8 @@ def search_topk(
     half: bool = False,
     exclude_self: bool = False,
     backend: str = "auto",
+    precision: str = "auto",
+    candidates: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k inner-product search of each query row against the database, in bounded memory.
 
@@ -119,15 +143,24 @@ def search_topk(
             index is excluded, so an exact duplicate at another index still counts with its full score.
         backend: "torch"; "faiss" (CPU, float32, exact IndexFlatIP); or "auto": faiss for CPU float32 searches
             with N >= FAISS_MIN_DATABASE when faiss is installed, torch otherwise.
+        precision: "float32" (the products in float32, or float64 when both inputs are); "bf16_rerank"
+            (`bf16_rerank_topk`: bf16 products, exact re-scoring, a proof per query, float32 for the queries
+            without one; torch backend); "auto" (default): bf16_rerank where bf16 is native on the device (CUDA;
+            CPUs with AVX512-BF16 or AMX), half is off, the backend is not forced to faiss, k <= AUTO_BF16_MAX_K
+            and Q * N * D >= AUTO_BF16_MIN_PRODUCTS; float32 otherwise (every search of the CPU studies).
+        candidates: bf16_rerank only: candidates kept per query (default `default_candidates(k)`).
 
     Returns:
         scores (Q, k') float32 (float64 if both inputs are float64 on the torch backend), sorted descending, and
         indices (Q, k') int64 into the database, k' = clipped k; on `device` (torch) or the CPU (faiss).
         Equal scores keep torch.topk's order within a tile and come from earlier database blocks first across
-        tiles (faiss: faiss's order).
+        tiles (faiss: faiss's order). bf16_rerank returns the same indices, with scores re-computed in float64
+        (they may differ from the float32 products by float32 rounding, ~1e-7).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     query = as_features(query, "query")
     database = as_features(database, "database")
     k = _check_pair(query, database, k, exclude_self)
@@ -137,6 +170,29 @@ def search_topk(
             f"chunk_size and database_chunk_size must be >= 1, got {chunk_size} and {database_chunk_size}"
         )
     device = torch.device(device) if device is not None else query.device
+    if precision == "auto":
+        products = query.shape[0] * database.shape[0] * query.shape[1]
+        fast = not half and backend != "faiss" and k <= AUTO_BF16_MAX_K and bf16_is_native(device)
+        precision = "bf16_rerank" if fast and products >= AUTO_BF16_MIN_PRODUCTS else "float32"
+    if precision == "bf16_rerank":
+        if half or backend == "faiss":
+            raise ValueError(
+                "precision='bf16_rerank' runs its own bf16 products on the torch backend: leave half=False and "
+                f"backend='auto' or 'torch' (got half={half}, backend={backend!r})"
+            )
+        scores, indices, stats = bf16_rerank_topk(
+            query, database, k, candidates, chunk_size, database_chunk_size, device, exclude_self
+        )
+        log.info(
+            "bf16 search: %d candidates per query; %d of %d queries searched again in float32 (%d without the "
+            "proof, %d near-ties)",
+            stats["candidates"],
+            stats["recomputed"],
+            stats["queries"],
+            stats["unproven"],
+            stats["near_ties"],
+        )
+        return scores, indices
     if backend == "auto":
         use_faiss = (
             device.type == "cpu"
@@ -157,8 +213,8 @@ def search_topk(
 
 
 def _torch_topk(query, database, k, chunk_size, database_chunk_size, device, half, exclude_self):
-    """Blocked top-k; see `search_topk`. `k` is already clipped to the number of candidates."""
-    n_queries, n_database = query.shape[0], database.shape[0]
+    """Blocked top-k; see `search_topk`. `k` is already clipped to the number of candidates. `exclude_self`:
+    True (query row i is database row i) or a (Q,) tensor of the database row to exclude for each query."""
     on_cuda = device.type == "cuda"
     if half:
         compute_dtype = torch.float16 if on_cuda else torch.float32
@@ -173,38 +229,200 @@ def _torch_topk(query, database, k, chunk_size, database_chunk_size, device, hal
         query = query.to(device=device, dtype=compute_dtype)
     score_dtype = torch.float32 if half else compute_dtype
 
+    def product(chunk, block):
+        if half and on_cuda:
+            return torch.mm(chunk, block.T, out_dtype=torch.float32)  # float16 in, float32 accumulate/out
+        return chunk @ block.T  # (c, n)
+
+    return _blocked_topk(
+        query, database, k, chunk_size, database_chunk_size, product, score_dtype, exclude_self, compute_dtype
+    )
+
+
+def _blocked_topk(
+    query, database, k, chunk_size, database_chunk_size, product, score_dtype, exclude_self, block_dtype=None
+):
+    """The blocked loop of every torch search: score tiles `product(chunk, block)` (c, n), each reduced to its
+    top k and merged into a running top k. exclude_self: False, True (query row i is database row i) or a (Q,)
+    tensor of the database row each query excludes. block_dtype: each database block is cast to it once (the
+    float16 storage of half=True, upcast on CPU)."""
+    n_queries, n_database, device = query.shape[0], database.shape[0], query.device
+    if exclude_self is True:
+        exclude_self = torch.arange(n_queries, device=device)
     best_scores = torch.full((n_queries, k), float("-inf"), dtype=score_dtype, device=device)
     best_indices = torch.full((n_queries, k), -1, dtype=torch.long, device=device)
     # Database blocks outside, query chunks inside: each block is moved / upcast once.
     for d0 in range(0, n_database, database_chunk_size):
         block = database[d0 : d0 + database_chunk_size]  # (n, D)
-        if block.dtype != compute_dtype:
-            block = block.to(compute_dtype)  # float16 storage upcast per block on CPU
+        if block_dtype is not None and block.dtype != block_dtype:
+            block = block.to(block_dtype)
         n = block.shape[0]
         for q0 in range(0, n_queries, chunk_size):
             chunk = query[q0 : q0 + chunk_size]  # (c, D)
-            if half and on_cuda:
-                sims = torch.mm(chunk, block.T, out_dtype=torch.float32)  # float16 in, float32 accumulate/out
-            else:
-                sims = chunk @ block.T  # (c, n)
-            if exclude_self:
+            sims = product(chunk, block)  # (c, n)
+            if exclude_self is not False:
                 rows = torch.arange(chunk.shape[0], device=device)
-                cols = rows + q0 - d0  # column of each query's own row in this block
+                cols = exclude_self[q0 : q0 + chunk_size] - d0  # column of each query's own row in this block
                 inside = (cols >= 0) & (cols < n)
                 sims[rows[inside], cols[inside]] = float("-inf")
             top = torch.topk(sims, min(k, n), dim=1)
             del sims
+            values = top.values.to(score_dtype)
             if d0 == 0 and n >= k:  # the first block fills the running top k
-                best_scores[q0 : q0 + chunk_size], best_indices[q0 : q0 + chunk_size] = top
+                best_scores[q0 : q0 + chunk_size], best_indices[q0 : q0 + chunk_size] = values, top.indices
                 continue
             # Merge into the running top k. A stable sort keeps the running entries (earlier blocks) ahead of
             # equal scores of this block, and this block's ties in torch.topk's order.
-            merged_scores = torch.cat([best_scores[q0 : q0 + chunk_size], top.values], dim=1)  # (c, k + k_b)
+            merged_scores = torch.cat([best_scores[q0 : q0 + chunk_size], values], dim=1)  # (c, k + k_b)
             merged_indices = torch.cat([best_indices[q0 : q0 + chunk_size], top.indices + d0], dim=1)
             keep = merged_scores.sort(dim=1, descending=True, stable=True).indices[:, :k]  # (c, k)
             best_scores[q0 : q0 + chunk_size] = merged_scores.gather(1, keep)
             best_indices[q0 : q0 + chunk_size] = merged_indices.gather(1, keep)
     return best_scores, best_indices
+
+
+def _row_norms(x: torch.Tensor, block: int = 65536) -> torch.Tensor:
+    """(rows,) float64 L2 norms of x, computed a block of rows at a time (no float64 copy of x)."""
+    return torch.cat([x[i : i + block].double().norm(dim=1) for i in range(0, x.shape[0], block)])
+
+
+def bf16_is_native(device) -> bool:
+    """Whether bfloat16 matrix products are fast on `device`: CUDA devices that support bf16, CPUs with
+    AVX512-BF16 or AMX (elsewhere torch emulates them, several times slower than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def bf16_score_bound(dim: int, bf16_output: bool) -> float:
+    """c such that |bf16 score - q.x| <= c |q| |x| for float32 vectors q, x of `dim` entries, where the bf16
+    score is the product of their bf16 roundings accumulated in float32 (and, with `bf16_output`, rounded to
+    bf16 at the end, as CPU bf16 matrix products return it). docs/replication.md#exact-search-at-bf16-speed
+    derives it: rounding both inputs costs (1 + u)^2 - 1 relative to sum |q_i x_i| <= |q| |x|, the float32 sum
+    gamma_D = D u32 / (1 - D u32) of the (exact) products' absolute sum, the output rounding u of the result."""
+    if dim < 1 or dim * FLOAT32_ROUNDOFF >= 1:
+        raise ValueError(f"dim must be in [1, 2**24), got {dim}")
+    u = BF16_ROUNDOFF
+    gamma = dim * FLOAT32_ROUNDOFF / (1 - dim * FLOAT32_ROUNDOFF)
+    bound = (1 + u) ** 2 - 1 + gamma * (1 + u) ** 2
+    if bf16_output:
+        bound += u * (1 + u) ** 2 * (1 + gamma)
+    return bound
+
+
+def default_candidates(k: int) -> int:
+    """Candidates kept per query by bf16_rerank: 4k + 16. The bf16 scores err by up to ~0.012 (D <= 1024,
+    CPU); the candidates must reach that far below the k-th score (at 100,000 random unit vectors of D = 768
+    about 180 rows lie within it below the 100th, about 2 below the 1st)."""
+    return 4 * k + 16
+
+
+def bf16_rerank_topk(
+    query,
+    database,
+    k: int = 1,
+    candidates: int | None = None,
+    chunk_size: int = 1024,
+    database_chunk_size: int | None = 65536,
+    device=None,
+    exclude_self: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """`search_topk` with bf16 products and a proof of exactness per query.
+
+    1. The blocked search of `search_topk` on bf16 copies of the inputs (float32 accumulation) keeps the
+       `candidates` best rows per query; t is the lowest bf16 score kept, so every row left out scored <= t.
+    2. The candidates are re-scored in float64 from the float32 inputs (exact to ~1e-13) and sorted (equal
+       scores: lower index first).
+    3. Proof: a row left out has a true score <= t + delta, delta = bf16_score_bound(D) |q| max|x|. When the
+       k-th re-scored candidate is above t + delta, the top k is exactly the top k of the true inner products.
+       A query without the proof, or whose re-scored top k + 1 holds two scores within NEAR_TIE |q| max|x| of
+       each other (an order float32 rounding decides), is searched again with the float32 engine.
+
+    Args and returned scores / indices: as `search_topk` (scores from the float64 re-scoring, float32 unless
+    both inputs are float64). stats: {queries, candidates, bound (c of `bf16_score_bound`), unproven,
+    near_ties, recomputed (queries searched again in float32)}.
+    """
+    query = as_features(query, "query")
+    database = as_features(database, "database")
+    k = _check_pair(query, database, k, exclude_self)
+    n_candidates = database.shape[0] - int(exclude_self)
+    m = default_candidates(k) if candidates is None else int(candidates)
+    if m < k:
+        raise ValueError(f"candidates must be >= k = {k}, got {m}")
+    m = min(m, n_candidates)
+    database_chunk_size = database.shape[0] if database_chunk_size is None else database_chunk_size
+    device = torch.device(device) if device is not None else query.device
+    out_dtype = torch.float64 if query.dtype == database.dtype == torch.float64 else torch.float32
+    query = query.to(device=device, dtype=out_dtype)
+    database = database.to(device=device, dtype=out_dtype)
+    on_cuda = device.type == "cuda"
+
+    def product(chunk, block):
+        if on_cuda:
+            return torch.mm(chunk, block.T, out_dtype=torch.float32)  # bf16 in, float32 accumulate and out
+        return chunk @ block.T  # bf16 out on the CPU: the bound counts its rounding
+
+    cand_scores, cand_indices = _blocked_topk(
+        query.to(torch.bfloat16),
+        database.to(torch.bfloat16),
+        m,
+        chunk_size,
+        database_chunk_size,
+        product,
+        torch.float32,
+        exclude_self,
+    )
+    # Re-score the candidates exactly, a few queries at a time (bounded memory).
+    rescored = torch.empty(cand_indices.shape, dtype=torch.float64, device=device)
+    # 4M elements per step on the CPU; 64M on CUDA, where small steps would be bound by kernel launches
+    step = max(1, (2**26 if on_cuda else 2**22) // (m * query.shape[1]))
+    for q0 in range(0, query.shape[0], step):
+        rows = database[cand_indices[q0 : q0 + step]].double()  # (s, m, D)
+        rescored[q0 : q0 + step] = torch.bmm(rows, query[q0 : q0 + step].double().unsqueeze(2)).squeeze(2)
+    by_index = cand_indices.argsort(dim=1)
+    cand_indices, rescored = cand_indices.gather(1, by_index), rescored.gather(1, by_index)
+    order = rescored.sort(dim=1, descending=True, stable=True).indices
+    cand_indices, rescored = cand_indices.gather(1, order), rescored.gather(1, order)
+
+    dim = query.shape[1]
+    scale = _row_norms(query) * _row_norms(database).max() * (1 + 1e-6)  # (Q,) |q| max|x|, rounded up
+    delta = bf16_score_bound(dim, bf16_output=not on_cuda) * scale
+    rounding = 2 * dim * FLOAT64_ROUNDOFF * scale  # the float64 re-scoring's own error
+    if m < n_candidates:
+        threshold = cand_scores[:, -1].double() + delta + rounding
+        proven = rescored[:, k - 1] > threshold
+    else:  # every row is a candidate: nothing is left out
+        proven = torch.ones(query.shape[0], dtype=torch.bool, device=device)
+    span = min(k + 1, m)
+    gaps = rescored[:, : span - 1] - rescored[:, 1:span]  # consecutive gaps of the top k (+ 1)
+    near = (gaps <= NEAR_TIE * scale[:, None]).any(dim=1)
+    scores, indices = rescored[:, :k].to(out_dtype), cand_indices[:, :k].clone()
+    again = (~proven | near).nonzero().squeeze(1)
+    if again.numel() > 0:
+        own = again if exclude_self else False  # the database row of each query searched again
+        scores[again], indices[again] = _blocked_topk(
+            query[again],
+            database,
+            k,
+            chunk_size,
+            database_chunk_size,
+            lambda chunk, block: chunk @ block.T,
+            out_dtype,
+            own,
+        )
+    stats = {
+        "queries": query.shape[0],
+        "candidates": m,
+        "bound": bf16_score_bound(dim, bf16_output=not on_cuda),
+        "unproven": int((~proven).sum()),
+        "near_ties": int(near.sum()),
+        "recomputed": int(again.numel()),
+    }
+    return scores, indices, stats
 
 
 def faiss_topk(query, database, k: int, exclude_self: bool = False):
