@@ -46,8 +46,14 @@ import time
 import torch
 
 from benchmarks.harness import MIB, PeakMemory, argument_parser, print_result, print_table, run_worker, setup
-from src.metrics.retrieval import count_relevant, hit_matrix, metrics_from_hits, retrieval_metrics
-from src.metrics.search import bf16_rerank_topk, search_topk
+from src.metrics.retrieval import (
+    count_relevant,
+    hit_matrix,
+    metrics_from_hits,
+    retrieval_metrics,
+    retrieval_topk,
+)
+from src.metrics.search import bf16_rerank_topk
 
 WORKER_OPTIONS = (
     "queries",
@@ -105,19 +111,6 @@ def chunked_bf16_metrics(query, database, query_labels, database_labels, ks, chu
     hits = hit_matrix(query_labels, database_labels, indices)
     metrics = metrics_from_hits(hits, count_relevant(query_labels, database_labels), ks)
     return metrics, indices, stats
-
-
-def retrieval_topk_float32(query, database, k: int, chunk_size: int):
-    """The float32 search of `retrieval_topk`, for the indices the bf16 search is compared with."""
-    return search_topk(
-        query,
-        database,
-        k,
-        chunk_size=chunk_size,
-        database_chunk_size=None,
-        backend="torch",
-        precision="float32",
-    )
 
 
 def row_keys(indices: torch.Tensor) -> list[int]:
@@ -222,7 +215,7 @@ def measure(args) -> dict:
     )
     if args.worker == "chunked":
         k = min(max(ks), database.shape[0])
-        _, indices = retrieval_topk_float32(query, database, k, args.chunk_size)
+        _, indices = retrieval_topk(query, database, k, args.chunk_size, precision="float32")
         result["row_keys"] = row_keys(indices)
     if args.worker == "chunked":  # reference values on the baseline's queries, outside the measurement
         n_shared = min(args.baseline_queries, n_queries)
