@@ -287,13 +287,15 @@ def test_bf16_float64_inputs_and_small_databases():
 
 def test_precision_auto_and_bad_precision_options(monkeypatch):
     calls = []
-    real = search.bf16_rerank_topk
+    real = (
+        search._bf16_rerank
+    )  # the bf16 path search_topk takes (bf16_rerank_topk checks inputs, then calls it)
 
     def spy(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(search, "bf16_rerank_topk", spy)
+    monkeypatch.setattr(search, "_bf16_rerank", spy)
     monkeypatch.setattr(search, "bf16_is_native", lambda device: False)
     search_topk(QUERY, DATABASE, 2, precision="auto")
     assert not calls  # no native bf16: float32

@@ -180,7 +180,7 @@ def search_topk(
                 "precision='bf16_rerank' runs its own bf16 products on the torch backend: leave half=False and "
                 f"backend='auto' or 'torch' (got half={half}, backend={backend!r})"
             )
-        scores, indices, stats = bf16_rerank_topk(
+        scores, indices, stats = _bf16_rerank(
             query, database, k, candidates, chunk_size, database_chunk_size, device, exclude_self
         )
         log.info(
@@ -349,13 +349,18 @@ def bf16_rerank_topk(
     query = as_features(query, "query")
     database = as_features(database, "database")
     k = _check_pair(query, database, k, exclude_self)
+    database_chunk_size = database.shape[0] if database_chunk_size is None else database_chunk_size
+    device = torch.device(device) if device is not None else query.device
+    return _bf16_rerank(query, database, k, candidates, chunk_size, database_chunk_size, device, exclude_self)
+
+
+def _bf16_rerank(query, database, k, candidates, chunk_size, database_chunk_size, device, exclude_self):
+    """`bf16_rerank_topk` on checked features, k already clipped, the tile sizes and device resolved."""
     n_candidates = database.shape[0] - int(exclude_self)
     m = default_candidates(k) if candidates is None else int(candidates)
     if m < k:
         raise ValueError(f"candidates must be >= k = {k}, got {m}")
     m = min(m, n_candidates)
-    database_chunk_size = database.shape[0] if database_chunk_size is None else database_chunk_size
-    device = torch.device(device) if device is not None else query.device
     out_dtype = torch.float64 if query.dtype == database.dtype == torch.float64 else torch.float32
     query = query.to(device=device, dtype=out_dtype)
     database = database.to(device=device, dtype=out_dtype)
@@ -390,7 +395,8 @@ def bf16_rerank_topk(
 
     dim = query.shape[1]
     scale = _row_norms(query) * _row_norms(database).max() * (1 + 1e-6)  # (Q,) |q| max|x|, rounded up
-    delta = bf16_score_bound(dim, bf16_output=not on_cuda) * scale
+    bound = bf16_score_bound(dim, bf16_output=not on_cuda)
+    delta = bound * scale
     rounding = 2 * dim * FLOAT64_ROUNDOFF * scale  # the float64 re-scoring's own error
     if m < n_candidates:
         threshold = cand_scores[:, -1].double() + delta + rounding
@@ -404,20 +410,13 @@ def bf16_rerank_topk(
     again = (~proven | near).nonzero().squeeze(1)
     if again.numel() > 0:
         own = again if exclude_self else False  # the database row of each query searched again
-        scores[again], indices[again] = _blocked_topk(
-            query[again],
-            database,
-            k,
-            chunk_size,
-            database_chunk_size,
-            lambda chunk, block: chunk @ block.T,
-            out_dtype,
-            own,
+        scores[again], indices[again] = _torch_topk(
+            query[again], database, k, chunk_size, database_chunk_size, device, False, own
         )
     stats = {
         "queries": query.shape[0],
         "candidates": m,
-        "bound": bf16_score_bound(dim, bf16_output=not on_cuda),
+        "bound": bound,
         "unproven": int((~proven).sum()),
         "near_ties": int(near.sum()),
         "recomputed": int(again.numel()),
