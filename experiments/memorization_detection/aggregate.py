@@ -89,7 +89,7 @@ DETECTOR_COLUMNS = (
     "paper",
     "run",
 )
-# The clear cases: prompts that copy in in at least 3 in 4 of their generations against those that copy in at most 1 in 8
+# The clear cases: prompts that copy in at least 3 in 4 of their generations against those that copy in at most 1 in 8
 CLEAR = (0.125, 0.75)
 MITIGATION_COLUMNS = (
     "mitigation",
