@@ -1,8 +1,10 @@
-"""Score a style descriptor by query/database retrieval: `python -m src.evaluate extractor=clip_vitb16 benchmark=wikiart`.
+"""Score a style descriptor by query/database retrieval: `python -m src.evaluate extractor=clip_vitb16 benchmark=wikiart`,
+or a copy detector on a copy-detection set: `python -m src.evaluate extractor=pixels_channel benchmark=planted_copies`.
 
 Any extractor of conf/extractor/ (a trained CSD checkpoint: `extractor=csd extractor.checkpoint=...`) on any benchmark
 of conf/benchmark/. Writes `metrics.json`, a markdown row shaped like the CSD paper's Table 1
-(docs/style.md#table-1) and, with `save_embeddings=true`, `embeddings.npz`, which `embeddings=<file>`
+(docs/style.md#table-1; for a copy-detection set the figures of `src.metrics.copy_detection` with their
+bootstrap intervals, docs/replication.md#scoring-a-copy-detector) and, with `save_embeddings=true`, `embeddings.npz`, which `embeddings=<file>`
 re-scores later without the images.
 """
 
@@ -17,7 +19,7 @@ from omegaconf import DictConfig
 
 import src.utils  # noqa: F401  (registers the config resolvers)
 from src.data.style.retrieval import RetrievalSet
-from src.metrics import retrieval_metrics
+from src.metrics import copy_detection_metrics, retrieval_metrics
 from src.nn.embed import embed_images
 from src.utils.checks import check_number
 from src.utils.embeddings import load_embeddings, save_embeddings
@@ -53,6 +55,25 @@ def table_row(name: str, metrics: dict, ks=(1, 10, 100)) -> str:
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
+def copy_table_row(name: str, metrics: dict, thresholds=()) -> tuple[str, str]:
+    """Header and row of a copy-detection result: uAP, recall at precision 0.9 and its threshold, mAP@100 and
+    precision / recall at each threshold, in percent with 95% bootstrap intervals where computed."""
+
+    def cell(key: str, percent: bool = True) -> str:
+        scale = 100 if percent else 1
+        value = f"{scale * metrics[key]:.1f}" if percent else f"{metrics[key]:.3f}"
+        if f"{key}_lo" in metrics:
+            lo, hi = scale * metrics[f"{key}_lo"], scale * metrics[f"{key}_hi"]
+            value += f" [{lo:.1f}, {hi:.1f}]" if percent else f" [{lo:.3f}, {hi:.3f}]"
+        return value
+
+    keys = ["uAP", "recall@p90"] + [f"{m}@{t:g}" for t in thresholds for m in ("precision", "recall")]
+    header = "| Method | " + " | ".join(keys + ["threshold@p90", "mAP@100"]) + " |"
+    cells = [cell(k) for k in keys] + [cell("threshold@p90", percent=False)]
+    cells.append(f"{100 * metrics['mAP@100']:.1f}" if "mAP@100" in metrics else "-")
+    return header, f"| {name} | " + " | ".join(cells) + " |"
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     for k in cfg.ks:
@@ -66,10 +87,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         saved = load_embeddings(cfg.embeddings)
         query, database = saved["query"], saved["database"]
         query_labels, database_labels = saved["query_labels"], saved["database_labels"]
+        task = saved["task"]
         log.info(f"Re-scoring {cfg.embeddings}: {len(query)} queries, {len(database)} database images")
     else:
         device = resolve_device(cfg.device)
         rset: RetrievalSet = hydra.utils.instantiate(cfg.benchmark)
+        task = rset.task
         extractor = instantiate(cfg.extractor).to(device).eval()
         args = (cfg.batch_size, cfg.num_workers, device)
         project = None
@@ -105,14 +128,22 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 root=rset.root,
                 descriptor=name,
                 half=cfg.half_embeddings,
+                task=task,
             )
             log.info(f"Saved embeddings to {path}")
     if cfg.get("pca_dims") and cfg.get("embeddings") and query.shape[1] > cfg.pca_dims:
         query, database = pca_reduce(query, database, cfg.pca_dims)
-    metrics = retrieval_metrics(query, database, query_labels, database_labels, ks=tuple(cfg.ks))
+    if task == "copy_detection":
+        thresholds = tuple(cfg.get("copy_thresholds") or ())
+        metrics = copy_detection_metrics(
+            query, database, query_labels, database_labels, thresholds, cfg.get("bootstrap", 1000), ks=cfg.ks
+        )
+        header, row = copy_table_row(name, metrics, thresholds)
+    else:
+        metrics = retrieval_metrics(query, database, query_labels, database_labels, ks=tuple(cfg.ks))
+        header = "| Method | " + " | ".join([f"mAP@{k}" for k in cfg.ks] + [f"R@{k}" for k in cfg.ks]) + " |"
+        row = table_row(name, metrics, tuple(cfg.ks))
     save_metrics(metrics, output_dir / "metrics.json")
-    row = table_row(name, metrics, tuple(cfg.ks))
-    header = "| Method | " + " | ".join([f"mAP@{k}" for k in cfg.ks] + [f"R@{k}" for k in cfg.ks]) + " |"
     (output_dir / "table_row.md").write_text(header + "\n" + row + "\n")
     results = Path(cfg.paths.log_dir) / "evaluate" / "results.md"  # every evaluation adds its row here
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +156,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate.yaml")
 def main(cfg: DictConfig) -> float:
     metrics = evaluate(cfg)
-    return metrics.get(cfg.get("optimized_metric", "mAP@10"))
+    key = cfg.get("optimized_metric", "mAP@10")
+    return metrics.get(key, metrics.get("uAP"))  # a copy-detection set has no mAP@10: its headline is uAP
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ What CSD trains with (docs/style.md#loss, official code learn2phoenix/CSD `CSD/l
   gradients.
 - `dann_alpha` and `grad_reverse`: the gradient-reversal layer in front of the content head and its
   DANN coefficient schedule (docs/style.md#model).
+
+What the copy descriptor trains with (SSCD, Pizzi et al. 2022; official facebookresearch/sscd-copy-detection
+`sscd/train.py`; docs/replication.md#a-copy-descriptor-trained-here):
+- `copy_infonce_loss`: InfoNCE over views where each positive pair has its own term, the other positives left
+  out of its denominator;
+- `koleo_loss`: the differential-entropy (KoLeo) regulariser on each embedding's nearest non-matching neighbour.
 """
 
 import math
@@ -186,3 +192,43 @@ def grad_reverse(x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """Gradient reversal layer: returns `x` unchanged, its gradient becomes -alpha * grad
     (docs/style.md#model)."""
     return GradientReversal.apply(x, alpha)
+
+
+def copy_infonce_loss(
+    rows: torch.Tensor,
+    columns: torch.Tensor,
+    match: torch.Tensor,
+    self_index: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """SSCD's InfoNCE: for each positive pair (i, j), -log(exp(s_ij / t) / (exp(s_ij / t) + sum over the
+    non-matches k of i of exp(s_ik / t))), averaged over the positives of row i, then over rows.
+
+    Args:
+        rows: (R, D) L2-normalised embeddings of this process's views (the anchors).
+        columns: (C, D) L2-normalised embeddings of every view (all processes), containing the rows.
+        match: (R, C) bool, True where a column shows the same image as the row (its own column included).
+        self_index: (R,) the column of each row itself (left out: not a positive).
+        temperature: SSCD's default 0.05.
+    The official code adds 1e-6 to each denominator; the log-sum-exp form here does not need it.
+    """
+    logits = rows @ columns.T / temperature  # (R, C)
+    is_self = torch.zeros_like(match)
+    is_self[torch.arange(len(rows), device=rows.device), self_index] = True
+    positive = match & ~is_self
+    if not positive.any(dim=1).all():
+        raise ValueError("copy_infonce_loss: every row needs a positive (another view of its image).")
+    negatives = logits.masked_fill(match, float("-inf"))  # (R, C): only the non-matches
+    negative_lse = torch.logsumexp(negatives, dim=1, keepdim=True)  # (R, 1); -inf when there is none
+    per_pair = torch.logaddexp(logits, negative_lse.expand_as(logits)) - logits  # -log p_ij
+    per_row = (per_pair * positive).sum(dim=1) / positive.sum(dim=1)
+    return per_row.mean()
+
+
+def koleo_loss(
+    rows: torch.Tensor, columns: torch.Tensor, match: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """SSCD's differential-entropy regulariser: -mean over rows of log(distance to the nearest column that is not
+    a match), the distance between unit vectors sqrt(max(2 - 2 cos, eps)). Multiply by the weight (SSCD 30)."""
+    nearest = (rows @ columns.T).masked_fill(match, -100.0).max(dim=1).values
+    return -torch.log(torch.sqrt(torch.clamp(2 - 2 * nearest, min=eps))).mean()

@@ -81,6 +81,24 @@ def tiny_overrides(data_dir: Path, bench: bool = True, devices: int = 1) -> list
     return overrides
 
 
+def tiny_copy_overrides(data_dir: Path) -> list[str]:
+    """Any copy-descriptor config for two CPU steps: 24 photo crops and 24 dead-leaves pictures at 32 px (whatever `data.root` the
+    experiment asks for), a 16-d ResNet-10-T, validation on the planted copies."""
+    return [
+        *tiny_overrides(data_dir, bench=False),
+        "data.root=null",
+        "data.crops=24",
+        "data.dead_leaves=24",
+        "data.crops_image_size=48",
+        "data.image_size=32",
+        "data.benchmark_image_size=32",
+        "model.backbone=resnet10t",
+        "model.dim=16",
+        "model.scheduler.warmup_steps=1",
+        "++trainer.sync_batchnorm=false",
+    ]
+
+
 # Two CPU steps, 2-step sampling (also where an experiment sets the callbacks' own steps), a six-image
 # replication analysis with pixel features: any diffusion config.
 TINY_DIFFUSION_RUN = [
@@ -303,14 +321,15 @@ def tiny_sd_overrides(data_dir: Path, sd_dir: Path, subset_size: int = 8) -> lis
 
 
 def experiment_kind(cfg) -> str:
-    """What a composed experiment trains, read from its model's class: "csd", "ddpm" or "t2i"."""
+    """What a composed experiment trains, read from its model's class: "csd", "ddpm", "t2i" or "copy"."""
     from hydra.utils import get_class
 
+    from src.models.copy_descriptor import CopyDescriptorModule
     from src.models.csd import CSDModule
     from src.models.ddpm import DDPMModule
     from src.models.text2img import Text2ImageModule
 
-    kinds = {CSDModule: "csd", DDPMModule: "ddpm", Text2ImageModule: "t2i"}
+    kinds = {CSDModule: "csd", DDPMModule: "ddpm", Text2ImageModule: "t2i", CopyDescriptorModule: "copy"}
     return kinds[get_class(cfg.model._target_)]
 
 
@@ -334,6 +353,8 @@ def tiny_run(request, data_dir, tmp_path_factory):
     def overrides_for(kind: str, cfg) -> list[str]:
         if kind == "ddpm":
             return tiny_diffusion_overrides(data_dir)
+        if kind == "copy":
+            return tiny_copy_overrides(data_dir)
         if kind == "t2i" and cfg.model.get("cond_unet") is None:
             return tiny_sd_overrides(data_dir, request.getfixturevalue("tiny_sd_dir"))
         if kind == "t2i":

@@ -95,6 +95,47 @@ def test_pixels_ignore_brightness_offset(extractors):
     torch.testing.assert_close(extractor(image), extractor(image + 0.1))
 
 
+def test_a_colour_cast_copy_scores_at_least_0_99_with_channel_normalisation(tmp_path):
+    # A photo and its copy with each channel scaled and shifted on its own (a generator's colour drift), both
+    # written as PNG and read back through the extractor's own transform.
+    from skimage import data
+
+    photo = Image.fromarray(data.chelsea()).resize((96, 64))
+    array = np.asarray(photo, dtype=np.float64) / 255
+    cast = array * np.array([0.4, 0.9, 0.6]) + np.array([0.45, 0.05, 0.3])
+    assert 0 <= cast.min() and cast.max() <= 1  # no clipping: the cast alone is what differs
+    photo.save(tmp_path / "source.png")
+    Image.fromarray((cast * 255).round().astype(np.uint8)).save(tmp_path / "copy.png")
+
+    def similarity(extractor):
+        load = extractor.transform()
+        pair = torch.stack(
+            [load(Image.open(tmp_path / f"{n}.png").convert("RGB")) for n in ("source", "copy")]
+        )
+        features = extractor(pair)
+        return float(features[0] @ features[1])
+
+    assert similarity(PixelExtractor(32, normalize="channel")) >= 0.99
+    assert similarity(PixelExtractor(32)) < 0.9  # the default (one mean over all channels) misses this copy
+    gray = PixelExtractor(32, normalize="gray")
+    assert gray.dim == 32 * 32 and gray.name == "pixels32_gray"
+    with pytest.raises(ValueError, match="normalize='hsv'.*global"):
+        PixelExtractor(32, normalize="hsv")
+
+
+def test_channel_and_gray_pixels_on_hand_values():
+    image = torch.zeros(1, 3, 2, 2)
+    image[0, 0] = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # red: std 0.5 -> +-1
+    image[0, 1] = 0.3  # constant green -> zeros
+    image[0, 2] = torch.tensor([[0.2, 0.2], [0.6, 0.6]])  # blue: std 0.2 -> +-1
+    channel = PixelExtractor(2, normalize="channel")
+    expected = torch.tensor([[-1.0, 1.0, -1.0, 1.0, 0, 0, 0, 0, -1.0, -1.0, 1.0, 1.0]]) / 8**0.5
+    torch.testing.assert_close(channel(image), expected)
+    luma = 0.299 * image[0, 0] + 0.587 * 0.3 + 0.114 * image[0, 2]
+    centred = (luma - luma.mean()).flatten()
+    torch.testing.assert_close(PixelExtractor(2, normalize="gray")(image), (centred / centred.norm())[None])
+
+
 def test_histogram_counts_and_pixel_permutation_invariance(extractors):
     extractor = extractors["hist"]  # 4 bins per channel
     image = torch.zeros(1, 3, 8, 8)
@@ -169,7 +210,10 @@ def test_clip_extractor_uses_clip_preprocessing(extractors):
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "extractor"
 PAPER_CONFIGS = [
     "pixels",
+    "pixels_channel",
+    "pixels_gray",
     "color_hist",
+    "copy_descriptor",
     "vgg_gram",
     "clip_vitb16",
     "clip_vitl14",
@@ -194,7 +238,7 @@ def test_extractor_configs_cover_the_folder():
     assert sorted(p.stem for p in CONF_DIR.glob("*.yaml")) == sorted(PAPER_CONFIGS)
 
 
-@pytest.mark.parametrize("name", ["pixels", "color_hist"])
+@pytest.mark.parametrize("name", ["pixels", "pixels_channel", "pixels_gray", "color_hist", "copy_descriptor"])
 def test_weight_free_configs_instantiate(name):
     extractor = hydra.utils.instantiate(OmegaConf.load(CONF_DIR / f"{name}.yaml"))
     images = extractor.transform()(random_image()).unsqueeze(0)

@@ -152,6 +152,13 @@ def check_csd_run(run_dir: Path, metrics: dict) -> None:
     assert (run_dir / "embeddings" / "test.npz").is_file()
 
 
+def check_copy_run(run_dir: Path, metrics: dict) -> None:
+    for key in ("before/test/uAP", "test/uAP", "val/uAP", "test/recall@p90", "train/koleo"):
+        assert 0.0 <= metrics[key] <= 1.0 or key == "train/koleo", key
+    assert metrics["test/num_queries"] > metrics["test/num_with_copy"] > 0  # planted copies and negatives
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
 def check_ddpm_run(run_dir: Path, metrics: dict) -> None:
     for target in ("train", "control"):
         assert 0.0 <= metrics[f"replication/{target}/sim_gt_thr"] <= 1.0
@@ -183,7 +190,9 @@ def test_every_experiment_runs_a_few_cpu_steps(experiment, tiny_run):
     for CSD; generations and a replication analysis for diffusion."""
     run = tiny_run(experiment)
     assert torch.isfinite(torch.tensor(run.metrics["train/loss"]))
-    {"csd": check_csd_run, "ddpm": check_ddpm_run, "t2i": check_t2i_run}[run.kind](run.run_dir, run.metrics)
+    {"csd": check_csd_run, "ddpm": check_ddpm_run, "t2i": check_t2i_run, "copy": check_copy_run}[run.kind](
+        run.run_dir, run.metrics
+    )
 
 
 @pytest.mark.slow

@@ -1,7 +1,9 @@
 """Metrics as pure functions on tensors, importing nothing else from `src`: the exact top-k search, retrieval
-metrics for style and copy retrieval, replication statistics, the Fréchet distance, the CLIP score from
-features, extraction distances (tiled l2, cliques, the adaptive score) and membership ROC summaries."""
+metrics for style and copy retrieval, copy-detection scores, replication statistics, the Fréchet distance, the
+CLIP score from features, extraction distances (tiled l2, cliques, the adaptive score) and membership ROC
+summaries."""
 
+from src.metrics.copy_detection import copy_detection_metrics
 from src.metrics.extraction import (
     adaptive_extraction_score,
     clique_summary,
@@ -24,6 +26,7 @@ from src.metrics.search import search_topk
 __all__ = [
     "adaptive_extraction_score",
     "clique_summary",
+    "copy_detection_metrics",
     "count_relevant",
     "hit_matrix",
     "max_clique",

@@ -130,16 +130,30 @@ class Extractor(nn.Module):
 
 
 class PixelExtractor(Extractor):
-    """Raw-pixel baseline: size x size thumbnail, flattened, per-image mean removed, L2-normalised.
+    """Raw-pixel baseline: size x size thumbnail, flattened, centred (and scaled), L2-normalised.
 
-    The dot product is then the Pearson correlation of the thumbnails. A constant image maps to the zero vector.
+    normalize (docs/replication.md#pixel-descriptors-and-colour-drift):
+    - "global" (default, the figures of every published study here): one mean removed over all three channels;
+      the dot product is the Pearson correlation of the thumbnails. A colour cast (each channel scaled and
+      shifted on its own) lowers it.
+    - "channel": each channel standardised on its own (mean removed, divided by its standard deviation); the
+      descriptor, and so the similarity, does not change under a per-channel positive scale and shift.
+    - "gray": the thumbnail's luma (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B), mean removed; size x size
+      dims; ignores hue casts but not a change of one channel's contrast.
+    A constant image (or channel, with "channel") maps to zeros.
     """
 
-    def __init__(self, size: int = 32):
+    NORMALIZE = ("global", "channel", "gray")
+    LUMA = (0.299, 0.587, 0.114)
+
+    def __init__(self, size: int = 32, normalize: str = "global"):
         super().__init__()
+        if normalize not in self.NORMALIZE:
+            raise ValueError(f"PixelExtractor: normalize={normalize!r}; expected one of {self.NORMALIZE}.")
         self.size = size
-        self.dim = 3 * size * size
-        self.name = f"pixels{size}"
+        self.normalize = normalize
+        self.dim = (1 if normalize == "gray" else 3) * size * size
+        self.name = f"pixels{size}" if normalize == "global" else f"pixels{size}_{normalize}"
         self._freeze()
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
@@ -150,6 +164,15 @@ class PixelExtractor(Extractor):
             raise ValueError(
                 f"{self.name}: expected {self.size}x{self.size} images, got {tuple(images.shape[-2:])}."
             )
+        if self.normalize == "gray":
+            luma = torch.tensor(self.LUMA, dtype=images.dtype, device=images.device)
+            flat = torch.einsum("bchw,c->bhw", images, luma).flatten(1)
+            return flat - flat.mean(dim=1, keepdim=True)
+        if self.normalize == "channel":
+            per_channel = images.flatten(2)  # (B, 3, size*size)
+            centred = per_channel - per_channel.mean(dim=2, keepdim=True)
+            std = centred.pow(2).mean(dim=2, keepdim=True).sqrt()
+            return (centred / std.clamp_min(1e-6)).flatten(1)
         flat = images.flatten(1)  # (B, 3*size*size)
         return flat - flat.mean(dim=1, keepdim=True)
 
@@ -476,6 +499,51 @@ class CSDExtractor(Extractor):
         self.mean, self.std = tuple(info["mean"]), tuple(info["std"])
         self.dim = _probe_dim(self.net, self.image_size)
         self.name = f"csd_{Path(checkpoint).stem}"
+        self._freeze()
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        return resize_crop_transform(
+            self.image_size, self.image_size, self.mean, self.std, T.InterpolationMode.BICUBIC
+        )
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+class CopyDescriptorExtractor(Extractor):
+    """The project's copy descriptor, trained with the SSCD recipe (docs/replication.md#a-copy-descriptor-trained-here;
+    `python -m src.train experiment=sscd_quickstart`): a timm trunk, GeM, a linear projection.
+
+    checkpoint: our Lightning checkpoint (`<run>/checkpoints/last.ckpt`; the network and its preprocessing are
+    read from it), or None for a randomly initialised network of `backbone` / `dim` at `image_size` (the
+    untrained baseline, `input_norm` as the network's). Preprocessing: Resize(short side = image_size, bicubic) -> CenterCrop -> ImageNet
+    normalisation, the training size and statistics.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        backbone: str = "resnet10t",
+        dim: int = 128,
+        image_size: int = 64,
+        input_norm: str = "none",
+        seed: int = 0,
+    ):
+        super().__init__()
+        from src.nn.copy_descriptor import CopyDescriptorNet, load_copy_descriptor
+
+        if checkpoint is None:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                self.net = CopyDescriptorNet(backbone, dim, input_norm=input_norm)
+            info = {"image_size": image_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+            self.name = f"copy_descriptor_{backbone}_random{seed}"
+        else:
+            self.net, info = load_copy_descriptor(checkpoint)
+            self.name = f"copy_descriptor_{Path(checkpoint).parent.parent.name}_{Path(checkpoint).stem}"
+        self.image_size = int(info["image_size"])
+        self.mean, self.std = tuple(info["mean"]), tuple(info["std"])
+        self.dim = _probe_dim(self.net, self.image_size)
         self._freeze()
 
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:

@@ -35,6 +35,7 @@ def save_embeddings(
     root: str | Path = "",
     descriptor: str = "",
     half: bool = False,
+    task: str = "retrieval",
 ) -> Path:
     """Write the embeddings file; `half=True` stores float16 (as the official CSD code does) to halve the size."""
     path = Path(path)
@@ -54,6 +55,7 @@ def save_embeddings(
         query_paths=np.asarray([str(p) for p in query_paths], dtype=str),
         database_paths=np.asarray([str(p) for p in database_paths], dtype=str),
         root=np.asarray(str(root)),
+        task=np.asarray(str(task)),
         descriptor=np.asarray(descriptor),
     )
     return path
@@ -97,4 +99,5 @@ def load_embeddings(path: str | Path) -> dict:
     for key in ("label_names", "query_paths", "database_paths"):
         out[key] = out[key].tolist()
     out["root"], out["descriptor"] = str(out["root"]), str(out["descriptor"])
+    out["task"] = str(out["task"]) if "task" in out else "retrieval"  # files written before copy detection
     return out

@@ -32,7 +32,9 @@ class RetrievalSet:
 
     query_labels: (Q, L) bool; database_labels: (N, L) bool. Every query has at least one label that
     occurs in the full database (queries without one are dropped on loading and counted in
-    `num_dropped_queries`).
+    `num_dropped_queries`), except in a copy-detection set (`task="copy_detection"`, e.g.
+    `src.data.planted_copies`), where a query without a label is one with no copy in the database and a database
+    image without one is a distractor.
     """
 
     root: Path
@@ -42,6 +44,7 @@ class RetrievalSet:
     database_labels: torch.Tensor
     label_names: list[str]
     num_dropped_queries: int = 0
+    task: str = "retrieval"  # retrieval | copy_detection
 
     @property
     def num_queries(self) -> int:
@@ -72,6 +75,7 @@ class RetrievalSet:
             database_labels=self.database_labels[database_index],
             label_names=self.label_names,
             num_dropped_queries=self.num_dropped_queries,
+            task=self.task,
         )
 
 

@@ -1,0 +1,150 @@
+"""Score every copy detector that runs without downloaded weights on the planted-copy benchmark, side by side
+(docs/replication.md#scoring-a-copy-detector):
+
+    python experiments/copy_descriptor/compare.py --checkpoint logs/train/runs/sscd_quickstart_<time>/checkpoints/last.ckpt
+
+Each descriptor is one `python -m src.evaluate benchmark=planted_copies extractor=<name>` run under OUT/runs/<name>
+(a finished run, one with metrics.json, is read again rather than re-run): raw pixels with each normalisation,
+the colour histogram, the copy descriptor's network with random weights and, given --checkpoint, the trained
+copy descriptor. Written to OUT (default experiments/copy_descriptor):
+
+- descriptors.csv / descriptors.md: uAP, recall at precision 0.9 and its threshold, precision and recall at the
+  thresholds 0.5 / 0.75 / 0.9, mAP@100, each with its 95% bootstrap interval over queries;
+- edits.csv / edits.md: per edit of the copies, the share whose nearest database image is their source (top-1)
+  and the share found at the descriptor's own precision-0.9 threshold;
+- descriptors.png: uAP and recall at precision 0.9 with their intervals.
+"""
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from src.plots import save_figure  # noqa: E402
+from src.utils.embeddings import load_embeddings  # noqa: E402
+
+WEIGHT_FREE = ("pixels", "pixels_channel", "pixels_gray", "color_hist")
+KEYS = ("uAP", "recall@p90", "threshold@p90", "precision@0.9", "recall@0.9", "precision@0.75", "recall@0.75")
+
+
+def run_evaluation(name: str, overrides: list[str], out: Path, extra: list[str]) -> dict:
+    run_dir = out / "runs" / name
+    if not (run_dir / "metrics.json").is_file():
+        command = [
+            sys.executable,
+            "-m",
+            "src.evaluate",
+            "benchmark=planted_copies",
+            *overrides,
+            f"name={name}",
+            f"hydra.run.dir={run_dir}",
+            *extra,
+        ]
+        print("+", " ".join(command), flush=True)
+        subprocess.run(command, check=True)
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def per_edit(run_dir: Path, threshold: float) -> dict[str, dict[str, float]]:
+    """Per edit: (count, top-1 right share, share found at `threshold`) from the run's embeddings."""
+    saved = load_embeddings(run_dir / "embeddings.npz")
+    scores = saved["query"] @ saved["database"].T
+    best, index = scores.max(dim=1)
+    right = (saved["query_labels"] & saved["database_labels"][index]).any(dim=1)
+    out = {}
+    for q, path in enumerate(saved["query_paths"]):
+        edit = Path(path).stem.split("__")[-1]
+        if edit == "none":
+            continue
+        row = out.setdefault(edit, {"copies": 0, "top1": 0, "found": 0})
+        row["copies"] += 1
+        row["top1"] += int(right[q])
+        row["found"] += int(right[q] and float(best[q]) >= threshold)
+    return {
+        e: {"copies": r["copies"], "top1": r["top1"] / r["copies"], "found": r["found"] / r["copies"]}
+        for e, r in out.items()
+    }
+
+
+def cell(metrics: dict, key: str) -> str:
+    value = metrics[key]
+    if key.startswith("threshold"):
+        return f"{value:.3f} [{metrics[key + '_lo']:.3f}, {metrics[key + '_hi']:.3f}]"
+    return f"{100 * value:.1f} [{100 * metrics[key + '_lo']:.1f}, {100 * metrics[key + '_hi']:.1f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="the trained copy descriptor (<run>/checkpoints/last.ckpt)")
+    parser.add_argument("--out", type=Path, default=Path("experiments/copy_descriptor"))
+    parser.add_argument("overrides", nargs="*", help="more src.evaluate overrides, e.g. paths.data_dir=...")
+    args = parser.parse_args()
+    descriptors = {name: [f"extractor={name}"] for name in WEIGHT_FREE}
+    descriptors["copy_descriptor_random"] = ["extractor=copy_descriptor"]
+    if args.checkpoint:
+        descriptors["copy_descriptor"] = [
+            "extractor=copy_descriptor",
+            f"extractor.checkpoint={args.checkpoint}",
+        ]
+    results = {name: run_evaluation(name, o, args.out, args.overrides) for name, o in descriptors.items()}
+
+    header = ["descriptor", *KEYS, "mAP@100"]
+    rows = [[name, *(cell(m, k) for k in KEYS), f"{100 * m['mAP@100']:.1f}"] for name, m in results.items()]
+    with (args.out / "descriptors.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["descriptor", *sorted(next(iter(results.values())))])
+        for name, m in results.items():
+            writer.writerow([name, *(m[k] for k in sorted(m))])
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table += ["| " + " | ".join(row) + " |" for row in rows]
+    (args.out / "descriptors.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+    edits = {name: per_edit(args.out / "runs" / name, m["threshold@p90"]) for name, m in results.items()}
+    names = sorted(next(iter(edits.values())))
+    with (args.out / "edits.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["descriptor", "edit", "copies", "top1", "found_at_p90_threshold"])
+        for name, by_edit in edits.items():
+            for edit in names:
+                r = by_edit[edit]
+                writer.writerow([name, edit, r["copies"], r["top1"], r["found"]])
+    lines = [
+        "| descriptor | "
+        + " | ".join(f"{e} (n={edits[next(iter(edits))][e]['copies']})" for e in names)
+        + " |"
+    ]
+    lines.append("|" + "---|" * (len(names) + 1))
+    for name, by_edit in edits.items():
+        cells = [f"{100 * by_edit[e]['top1']:.0f} / {100 * by_edit[e]['found']:.0f}" for e in names]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    (args.out / "edits.md").write_text(
+        "Per edit: % of copies whose nearest database image is their source / % found at the descriptor's "
+        "precision-0.9 threshold.\n\n" + "\n".join(lines) + "\n"
+    )
+    print("\n".join(lines))
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    y = np.arange(len(results))
+    for ax, key in zip(axes, ("uAP", "recall@p90"), strict=True):
+        values = np.array([m[key] for m in results.values()])
+        lo = values - np.array([m[key + "_lo"] for m in results.values()])
+        hi = np.array([m[key + "_hi"] for m in results.values()]) - values
+        ax.barh(y, values, xerr=[lo, hi], color="tab:blue", capsize=3)
+        ax.set_yticks(y, list(results))
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{key} on the planted copies (95% CI)")
+        ax.invert_yaxis()
+    save_figure(fig, args.out / "descriptors.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Copy-detection scores of a descriptor: queries searched against a database in which some queries have their
+source and others have nothing (docs/replication.md#scoring-a-copy-detector).
+
+Each query predicts one database image, its nearest neighbour, with the cosine as confidence. A prediction is
+correct when that image is one the query copies (they share a label). As in the DISC / SSCD evaluation, the
+predictions of all queries are ranked by confidence together, so one threshold serves every query:
+
+- `uAP`: micro average precision of that global ranking (recall is over the queries that have a copy in the
+  database; a query without one can only add false positives). One prediction per query, where DISC keeps up
+  to ten.
+- `recall@p90` and `threshold@p90`: the largest recall whose precision is at least 0.9, and the lowest cosine
+  that still keeps precision at 0.9 (the operating point SSCD's evaluation reports).
+- `precision@t`, `recall@t` for each threshold t given: the copies a study would count at that threshold.
+- `mAP@k`: the standard average precision of each query's copies in its top k, averaged over the queries with
+  copies, and `recall@topk`, the share of them with a copy in their top k (the retrieval view: are the copies
+  at the top of each query's list, whatever the scores).
+
+`bootstrap` resamples the queries (with replacement) and gives 95% percentile intervals of every figure.
+"""
+
+import numpy as np
+import torch
+
+from src.metrics.retrieval import retrieval_metrics
+from src.metrics.search import search_topk
+
+P90 = 0.9
+
+
+def micro_ap(scores: np.ndarray, correct: np.ndarray, num_with_copy: int) -> float:
+    """Average precision of predictions ranked by score (descending), recall over `num_with_copy` queries."""
+    if num_with_copy == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    hits = correct[order].astype(np.float64)
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / num_with_copy)
+
+
+def recall_at_precision(
+    scores: np.ndarray, correct: np.ndarray, num_with_copy: int, target: float = P90
+) -> tuple[float, float]:
+    """(largest recall at precision >= target, the threshold that gives it) over thresholds at the scores.
+
+    Thresholds sit at the scores themselves (a prediction counts when its score >= threshold); tied scores
+    enter together. (0, inf) when no threshold reaches the target precision.
+    """
+    if num_with_copy == 0 or len(scores) == 0:
+        return 0.0, float("inf")
+    order = np.argsort(-scores, kind="stable")
+    ranked, hits = scores[order], correct[order].astype(np.float64)
+    cum_hits = np.cumsum(hits)
+    # the last position of each run of tied scores: a threshold keeps all of a tie or none of it
+    last = np.r_[ranked[1:] != ranked[:-1], True]
+    counts = np.arange(1, len(ranked) + 1)[last]
+    precision, recall = cum_hits[last] / counts, cum_hits[last] / num_with_copy
+    ok = precision >= target
+    if not ok.any():
+        return 0.0, float("inf")
+    best = int(np.flatnonzero(ok)[np.argmax(recall[ok])])
+    return float(recall[best]), float(ranked[last][best])
+
+
+def _point(scores, correct, has_copy, thresholds) -> dict[str, float]:
+    num_with_copy = int(has_copy.sum())
+    out = {"uAP": micro_ap(scores, correct, num_with_copy)}
+    out["recall@p90"], out["threshold@p90"] = recall_at_precision(scores, correct, num_with_copy)
+    for t in thresholds:
+        flagged = scores >= t
+        out[f"precision@{t:g}"] = float(correct[flagged].mean()) if flagged.any() else float("nan")
+        out[f"recall@{t:g}"] = float((correct & flagged).sum() / max(num_with_copy, 1))
+        out[f"flagged@{t:g}"] = float(flagged.mean())
+    return out
+
+
+def copy_detection_metrics(
+    query,
+    database,
+    query_labels,
+    database_labels,
+    thresholds=(0.5, 0.75, 0.9),
+    bootstrap: int = 1000,
+    seed: int = 0,
+    ks=(1, 10, 100),
+) -> dict[str, float]:
+    """Copy-detection figures of L2-normalised descriptors (see the module docstring).
+
+    query (Q, D), database (N, D); query_labels (Q, L) / database_labels (N, L) multi-hot bool: a query copies
+    the database images it shares a label with; an all-False query row is a query with no copy in the database.
+    Returns the point figures, `mAP@k` for each k (queries with copies), counts, and with bootstrap > 0
+    `<name>_lo` / `<name>_hi` (95% percentile intervals over resampled queries).
+    """
+    query_labels = torch.as_tensor(query_labels, dtype=torch.bool)
+    database_labels = torch.as_tensor(database_labels, dtype=torch.bool)
+    if query_labels.shape[0] != len(query) or database_labels.shape[0] != len(database):
+        raise ValueError(
+            f"copy_detection_metrics: {len(query)} queries / {len(database)} database rows but labels of "
+            f"{query_labels.shape[0]} / {database_labels.shape[0]} rows."
+        )
+    query, database = torch.as_tensor(query), torch.as_tensor(database)
+    scores, index = search_topk(query, database, k=1)
+    scores, index = scores[:, 0].double().numpy(), index[:, 0]
+    correct = (query_labels & database_labels[index]).any(dim=1).numpy()
+    has_copy = (query_labels.int() @ database_labels.int().T > 0).any(dim=1).numpy()
+    if not has_copy.any():
+        raise ValueError("copy_detection_metrics: no query has a copy in the database; nothing to detect.")
+    thresholds = tuple(float(t) for t in thresholds)
+    out = _point(scores, correct, has_copy, thresholds)
+    with_copy = torch.from_numpy(has_copy)
+    ranked = retrieval_metrics(
+        query[with_copy], database, query_labels[with_copy], database_labels, ks=tuple(ks)
+    )
+    for k in ks:  # standard AP (the copies' precision at their ranks over min(k, copies)), not CSD's mAP@k
+        out[f"mAP@{k}"], out[f"recall@top{k}"] = ranked[f"standardAP@{k}"], ranked[f"recall@{k}"]
+    out.update(
+        num_queries=float(len(scores)), num_with_copy=float(has_copy.sum()), num_database=float(len(database))
+    )
+    if bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        draws = []
+        for _ in range(bootstrap):
+            pick = rng.integers(0, len(scores), len(scores))
+            if has_copy[pick].any():
+                draws.append(_point(scores[pick], correct[pick], has_copy[pick], thresholds))
+        for key in _point(scores, correct, has_copy, thresholds):
+            values = np.array([d[key] for d in draws], dtype=np.float64)
+            values = values[np.isfinite(values)]
+            lo, hi = np.percentile(values, [2.5, 97.5]) if len(values) else (np.nan, np.nan)
+            out[f"{key}_lo"], out[f"{key}_hi"] = float(lo), float(hi)
+    return out
