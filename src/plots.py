@@ -43,26 +43,42 @@ def image_grid(images: torch.Tensor, columns: int = 8) -> Image.Image:
 
 def draw_image_rows(rows: list[list[tuple]], row_labels: list[str], thumb: int = 96):
     """A grid of images: rows[r] = [(path, title, frame colour), ...]; an unreadable image leaves its cell empty.
-    Returns (figure, number of unreadable images)."""
+    Returns (figure, number of unreadable images).
+
+    The cells are composed into one image drawn on one axes (titles and row labels as text), which draws in a
+    fraction of the time of one axes per image (a 8 x 6 gallery: about 0.2 s instead of 2 s).
+    """
+    from matplotlib.colors import to_rgb
+
     cols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.45 * cols, 1.6 * len(rows)), squeeze=False)
-    unreadable = 0
+    frame, gap, title_px = 3, 4, 14
+    cell_w, cell_h = thumb + 2 * frame + gap, thumb + 2 * frame + gap + title_px
+    canvas = np.full((len(rows) * cell_h, cols * cell_w, 3), 255, dtype=np.uint8)
+    texts, unreadable = [], 0
     for r, cells in enumerate(rows):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.set_xticks([]), ax.set_yticks([])
-            if c >= len(cells):
-                ax.axis("off")
-                continue
-            path, title, colour = cells[c]
+        for c, (path, title, colour) in enumerate(cells):
+            top, left = r * cell_h + title_px, c * cell_w
+            rgb = (np.array(to_rgb(colour)) * 255).astype(np.uint8)
+            canvas[top : top + thumb + 2 * frame, left : left + thumb + 2 * frame] = rgb
+            inner = canvas[top + frame : top + frame + thumb, left + frame : left + frame + thumb]
             try:
-                ax.imshow(load_rgb(path).resize((thumb, thumb)))
+                inner[:] = np.asarray(load_rgb(path).resize((thumb, thumb)))
             except Exception:  # noqa: BLE001 - a figure shows an empty cell rather than failing; counted
+                inner[:] = 255
                 unreadable += 1
-            ax.set_title(title, fontsize=7)
-            for spine in ax.spines.values():
-                spine.set_edgecolor(colour), spine.set_linewidth(3)
-        axes[r][0].set_ylabel(row_labels[r], fontsize=8)
+            if title:
+                texts.append((left + frame + thumb / 2, top - 2, title))
+    fig, ax = plt.subplots(figsize=(1.45 * cols, 1.6 * len(rows)))
+    ax.imshow(canvas, interpolation="nearest")
+    for x, y, title in texts:
+        ax.text(x, y, title, fontsize=7, ha="center", va="bottom")
+    ax.set_xticks([])
+    ax.set_yticks(
+        [r * cell_h + title_px + frame + thumb / 2 for r in range(len(rows))], row_labels, fontsize=8
+    )
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     fig.tight_layout()
     return fig, unreadable
 
@@ -89,11 +105,13 @@ def draw_retrieval_gallery(root, query_paths, match_paths, hits, titles=None, th
     return fig
 
 
-def plot_similarity_histograms(ax, series, threshold: float) -> None:
+def plot_similarity_histograms(ax, series, threshold: float, histtype: str = "bar") -> None:
     """Density histograms of similarity vectors on `ax`: [0, 1] in bins of `BIN_WIDTH`, and the threshold.
 
     series: (values, label, colour) in drawing order; values None are left out. Similarities below 0 (possible
     for pixel correlations) are counted in the first bin and the legend says how many, so no value is dropped.
+    histtype "stepfilled" draws each series as one polygon instead of 200 bars: the same shape, about ten times
+    faster (the replication report, drawn for every analysis, uses it).
     """
     bins = np.linspace(0.0, 1.0, round(1 / BIN_WIDTH) + 1)
     for values, label, colour in series:
@@ -102,7 +120,15 @@ def plot_similarity_histograms(ax, series, threshold: float) -> None:
         values = torch.as_tensor(values).double().cpu().numpy()
         below = int((values < 0).sum())
         label = f"{label} (n={len(values)})" + (f", {below} < 0 in the first bin" if below else "")
-        ax.hist(np.clip(values, 0.0, 1.0), bins=bins, alpha=0.6, color=colour, label=label, density=True)
+        ax.hist(
+            np.clip(values, 0.0, 1.0),
+            bins=bins,
+            alpha=0.6,
+            color=colour,
+            label=label,
+            density=True,
+            histtype=histtype,
+        )
     ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold}")
     ax.set_xlim(0, 1), ax.legend(fontsize=7)
 
@@ -111,7 +137,7 @@ def draw_similarity_histogram(series, threshold: float, title: str = ""):
     """One panel of `plot_similarity_histograms`: e.g. top-1 sim(gen, train) against the training set's own
     nearest-other similarities (the replication report), or against held-out control images."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    plot_similarity_histograms(ax, series, threshold)
+    plot_similarity_histograms(ax, series, threshold, histtype="stepfilled")
     ax.set_xlabel("similarity"), ax.set_ylabel("density")
     if title:
         ax.set_title(title, fontsize=9)

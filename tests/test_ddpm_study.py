@@ -184,8 +184,10 @@ def test_study_gallery_reads_generations_and_training_images(tmp_path):
         for i in range(2)
     ]
     fig, unreadable = aggregate.draw_study_gallery(runs)
-    assert unreadable == 0 and len(fig.axes) == 2 * 2 * 3  # 2 runs x 3 pairs (fewer than 4 generations)
-    assert fig.axes[1].get_title() == "train 0.900"
+    titles = [text.get_text() for text in fig.axes[0].texts]
+    assert unreadable == 0 and len(titles) == 2 * 2 * 3  # 2 runs x 3 pairs (fewer than 4 generations), all titled
+    assert titles[1] == "train 0.900"
+    assert [label.get_text() for label in fig.axes[0].get_yticklabels()] == ["4 images", "4 images"]
     (tmp_path / "data0" / "face_0.png").unlink()
     assert aggregate.draw_study_gallery(runs)[1] == 1
 

@@ -205,6 +205,27 @@ def build_photo_crops(
     return build_atomically(root, name, write, force) / "images"
 
 
+def build_photo_cells(root, image_size: int = 96, force: bool = False) -> Path:
+    """The train-group photographs cut into non-overlapping cells (a fifth of the short side, as the planted
+    copies cut the other photographs), written once under `root`; returns the image folder. Unlike random crops,
+    no two cells share pixels, so no negative of the contrastive loss is a copy of its anchor."""
+    from src.data.embedded.style_bench import assign_photos
+    from src.data.planted_copies import photo_cells
+
+    name = f"photo_cells_px{image_size}_{CROPS_VERSION}"
+
+    def write(tmp: Path) -> dict:
+        names = assign_photos(0)["train"]
+        (tmp / "images").mkdir()
+        cells = photo_cells(sorted(names), image_size)
+        for key, cell in cells:
+            cell.save(tmp / "images" / f"{key}.png")
+        log.info("photo cells: wrote %s (%d cells of %d photos)", name, len(cells), len(names))
+        return {"name": name, "photos": names, "count": len(cells), "image_size": image_size}
+
+    return build_atomically(root, name, write, force) / "images"
+
+
 def dead_leaves_image(size: int, rng: np.random.Generator) -> Image.Image:
     """A "dead leaves" picture: opaque discs, rectangles and triangles of power-law sizes dropped on top of each
     other, each a flat colour, a colour gradient or colour stripes (the images of Baradad et al. 2021, "Learning to
@@ -308,17 +329,18 @@ class CopyDataModule(L.LightningDataModule):
         hp = self.hparams
         if hp.root is not None:
             return [Path(hp.root).expanduser()]
-        unknown = set(hp.embedded) - {"photos", "dead_leaves"}
-        if unknown or not hp.embedded:
-            raise ValueError(
-                f"data.embedded={list(hp.embedded)}: expected a non-empty list of photos and / or dead_leaves."
-            )
         builders = {
             "photos": lambda: build_photo_crops(hp.data_dir, hp.crops, hp.crops_image_size, hp.seed),
+            "photo_cells": lambda: build_photo_cells(hp.data_dir, hp.crops_image_size),
             "dead_leaves": lambda: build_dead_leaves(
                 hp.data_dir, hp.dead_leaves, hp.crops_image_size, hp.seed
             ),
         }
+        unknown = set(hp.embedded) - set(builders)
+        if unknown or not hp.embedded:
+            raise ValueError(
+                f"data.embedded={list(hp.embedded)}: expected a non-empty list of {sorted(builders)}."
+            )
         return [builders[name]() for name in hp.embedded]
 
     def prepare_data(self) -> None:
