@@ -185,7 +185,9 @@ def test_study_gallery_reads_generations_and_training_images(tmp_path):
     ]
     fig, unreadable = aggregate.draw_study_gallery(runs)
     titles = [text.get_text() for text in fig.axes[0].texts]
-    assert unreadable == 0 and len(titles) == 2 * 2 * 3  # 2 runs x 3 pairs (fewer than 4 generations), all titled
+    assert (
+        unreadable == 0 and len(titles) == 2 * 2 * 3
+    )  # 2 runs x 3 pairs (fewer than 4 generations), all titled
     assert titles[1] == "train 0.900"
     assert [label.get_text() for label in fig.axes[0].get_yticklabels()] == ["4 images", "4 images"]
     (tmp_path / "data0" / "face_0.png").unlink()
