@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 
 from src.losses import copy_infonce_loss, gather_with_grad, koleo_loss
 from src.metrics import copy_detection_metrics
-from src.models.csd import gather_uneven
+from src.models.csd import gather_scored, gather_uneven
 from src.nn.copy_descriptor import CopyDescriptorNet
 from src.utils.checkpoints import record_module_class
 from src.utils.guards import stop_on_nonfinite_loss
@@ -183,13 +183,7 @@ class CopyDescriptorModule(L.LightningModule):
         outputs, self.eval_outputs = self.eval_outputs, []
         if not outputs or self.trainer.sanity_checking:
             return
-        embeddings = gather_uneven(torch.cat([e for e, _ in outputs])).cpu()
-        indices = gather_uneven(torch.cat([i for _, i in outputs])).cpu()
-        order = torch.argsort(indices, stable=True)
-        indices, embeddings = indices[order], embeddings[order]
-        keep = torch.ones_like(indices, dtype=torch.bool)
-        keep[1:] = indices[1:] != indices[:-1]  # the distributed sampler repeats a few samples
-        indices, embeddings = indices[keep], embeddings[keep]
+        embeddings, indices = (x.cpu() for x in gather_scored(outputs))
         labels = torch.cat([rset.query_labels, rset.database_labels])[indices]
         is_query = indices < len(rset.query)
         metrics = copy_detection_metrics(

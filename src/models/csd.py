@@ -88,6 +88,18 @@ def gather_uneven(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)])
 
 
+def gather_scored(outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (embeddings, dataset indices) batches of an evaluation, gathered over every rank, sorted by index, one
+    row per index (Lightning's distributed sampler repeats a few samples to even out the ranks)."""
+    embeddings = gather_uneven(torch.cat([e for e, _ in outputs]))
+    indices = gather_uneven(torch.cat([i for _, i in outputs]))
+    order = torch.argsort(indices, stable=True)
+    indices, embeddings = indices[order], embeddings[order]
+    keep = torch.ones_like(indices, dtype=torch.bool)
+    keep[1:] = indices[1:] != indices[:-1]
+    return embeddings[keep], indices[keep]
+
+
 class CSDModule(L.LightningModule):
     """Trains a CSD style descriptor and scores it by query/database style retrieval.
 
@@ -255,14 +267,7 @@ class CSDModule(L.LightningModule):
         outputs, self.eval_outputs = self.eval_outputs, []
         if not outputs or self.trainer.sanity_checking:
             return
-        embeddings = gather_uneven(torch.cat([e for e, _ in outputs]))
-        indices = gather_uneven(torch.cat([i for _, i in outputs]))
-        # The distributed sampler repeats a few samples to even out ranks: keep one row per index.
-        order = torch.argsort(indices, stable=True)
-        indices, embeddings = indices[order], embeddings[order]
-        keep = torch.ones_like(indices, dtype=torch.bool)
-        keep[1:] = indices[1:] != indices[:-1]
-        indices, embeddings = indices[keep], embeddings[keep]
+        embeddings, indices = gather_scored(outputs)
         num_query = len(retrieval_set.query)
         labels = torch.cat([retrieval_set.query_labels, retrieval_set.database_labels]).to(indices.device)[
             indices

@@ -479,7 +479,20 @@ class SSCDExtractor(Extractor):
         return self.net(images)
 
 
-class CSDExtractor(Extractor):
+class TrainedNetExtractor(Extractor):
+    """A network trained here, read from its checkpoint with its preprocessing: Resize(short side = image_size,
+    bicubic) -> CenterCrop -> Normalize(mean, std). Subclasses set `net`, `image_size`, `mean` and `std`."""
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        return resize_crop_transform(
+            self.image_size, self.image_size, self.mean, self.std, T.InterpolationMode.BICUBIC
+        )
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+class CSDExtractor(TrainedNetExtractor):
     """A trained CSD style descriptor (docs/style.md#model: style-head embedding, dot-product similarity).
 
     Loads our Lightning checkpoints or the official release via `src.nn.csd.load_csd`. Preprocessing is the
@@ -501,16 +514,8 @@ class CSDExtractor(Extractor):
         self.name = f"csd_{Path(checkpoint).stem}"
         self._freeze()
 
-    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        return resize_crop_transform(
-            self.image_size, self.image_size, self.mean, self.std, T.InterpolationMode.BICUBIC
-        )
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
-
-
-class CopyDescriptorExtractor(Extractor):
+class CopyDescriptorExtractor(TrainedNetExtractor):
     """The project's copy descriptor, trained with the SSCD recipe (docs/replication.md#a-copy-descriptor-trained-here;
     `python -m src.train experiment=sscd_quickstart`): a timm trunk, GeM, a linear projection.
 
@@ -545,14 +550,6 @@ class CopyDescriptorExtractor(Extractor):
         self.mean, self.std = tuple(info["mean"]), tuple(info["std"])
         self.dim = _probe_dim(self.net, self.image_size)
         self._freeze()
-
-    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        return resize_crop_transform(
-            self.image_size, self.image_size, self.mean, self.std, T.InterpolationMode.BICUBIC
-        )
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
 
 
 @torch.no_grad()
