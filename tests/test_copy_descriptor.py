@@ -164,6 +164,7 @@ def test_the_copy_descriptor_trains_loads_and_scores_on_the_planted_copies(data_
         *tiny_copy_overrides(data_dir),
         "trainer.max_steps=4",
         "callbacks.best_checkpoint.monitor=val/num_queries",
+        "eval_before_training=false",  # scored before training by test_every_experiment_runs_a_few_cpu_steps
     ]
     metrics = train(compose_config("train.yaml", overrides, run_dir))
     assert 0 <= metrics["test/uAP"] <= 1 and metrics["train/loss"] > 0
