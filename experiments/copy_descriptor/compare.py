@@ -132,7 +132,7 @@ def main() -> None:
     )
     print("\n".join(lines))
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     y = np.arange(len(results))
     for ax, key in zip(axes, ("uAP", "recall@p90"), strict=True):
         values = np.array([m[key] for m in results.values()])
@@ -140,9 +140,11 @@ def main() -> None:
         hi = np.array([m[key + "_hi"] for m in results.values()]) - values
         ax.barh(y, values, xerr=[lo, hi], color="tab:blue", capsize=3)
         ax.set_yticks(y, list(results))
+        ax.tick_params(axis="y", labelleft=ax is axes[0])
         ax.set_xlim(0, 1)
         ax.set_title(f"{key} on the planted copies (95% CI)")
-        ax.invert_yaxis()
+    axes[0].invert_yaxis()
+    fig.tight_layout()
     save_figure(fig, args.out / "descriptors.png")
 
 
