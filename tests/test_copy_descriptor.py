@@ -225,3 +225,47 @@ def test_restudy_measures_a_finished_run_again_with_other_descriptors(tiny_run, 
     for r in rows:
         assert r["train_share_low"] <= r["train_share"] <= r["train_share_high"]
     assert (tmp_path / "restudy.md").read_text().count("|") > 20
+
+
+def test_compare_tabulates_finished_evaluations_per_descriptor_and_edit(tmp_path, monkeypatch):
+    """experiments/copy_descriptor/compare.py on evaluation folders that are already finished (nothing is re-run):
+    the descriptor table with intervals, the per-edit table from each run's embeddings, the figure."""
+    from src.utils.embeddings import save_embeddings
+
+    compare = load_script(ROOT / "experiments" / "copy_descriptor" / "compare.py", "compare_descriptors")
+    database = torch.eye(3)
+    # a blur copy found (cosine 1), a crop copy whose nearest is another image (0.8), a query with no copy (0.8)
+    query = torch.tensor([[1.0, 0, 0], [0, 0.6, 0.8], [0.6, 0, 0.8]])
+    query_labels = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    database_labels = torch.eye(3, dtype=torch.bool)
+    paths = ["images/query/a__blur.png", "images/query/b__crop.png", "images/query/c__none.png"]
+    metrics = copy_detection_metrics(query, database, query_labels, database_labels, (0.5, 0.75, 0.9), 20)
+    names = [*compare.WEIGHT_FREE, "copy_descriptor_random"]
+    for name in names:
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(__import__("json").dumps(metrics))
+        save_embeddings(
+            run / "embeddings.npz",
+            query,
+            database,
+            query_labels,
+            database_labels,
+            ["a", "b", "c"],
+            paths,
+            ["a", "b", "c"],
+            task="copy_detection",
+        )
+    monkeypatch.setattr("sys.argv", ["compare.py", "--out", str(tmp_path)])
+    monkeypatch.setattr(
+        compare.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was run again")
+    )
+    compare.main()
+    table = (tmp_path / "descriptors.md").read_text()
+    assert all(f"| {name} |" in table for name in names) and "[" in table
+    edits = (tmp_path / "edits.md").read_text()
+    assert "blur (n=1)" in edits and "crop (n=1)" in edits and "none" not in edits.split("\n")[2]
+    assert (
+        "| pixels | 100 / 100 | 0 / 0 |" in edits
+    )  # the blur copy found at p90's threshold 1.0, the crop missed
+    assert (tmp_path / "descriptors.png").is_file()
