@@ -1,11 +1,11 @@
-"""Score a style descriptor by query/database retrieval: `python -m src.evaluate extractor=clip_vitb16 benchmark=wikiart`,
-or a copy detector on a copy-detection set: `python -m src.evaluate extractor=pixels_channel benchmark=planted_copies`.
+"""Score a descriptor on a query/database benchmark: style retrieval (`python -m src.evaluate extractor=clip_vitb16
+benchmark=wikiart`) or copy detection (`python -m src.evaluate extractor=pixels_channel benchmark=planted_copies`).
 
 Any extractor of conf/extractor/ (a trained CSD checkpoint: `extractor=csd extractor.checkpoint=...`) on any benchmark
-of conf/benchmark/. Writes `metrics.json`, a markdown row shaped like the CSD paper's Table 1
-(docs/style.md#table-1; for a copy-detection set the figures of `src.metrics.copy_detection` with their
-bootstrap intervals, docs/replication.md#scoring-a-copy-detector) and, with `save_embeddings=true`, `embeddings.npz`, which `embeddings=<file>`
-re-scores later without the images.
+of conf/benchmark/. Writes `metrics.json`, a markdown row (retrieval: shaped like the CSD paper's Table 1,
+docs/style.md#table-1; copy detection: the figures of `src.metrics.copy_detection` with their bootstrap intervals,
+docs/replication.md#scoring-a-copy-detector) and, with `save_embeddings=true`, `embeddings.npz`, which
+`embeddings=<file>` re-scores later without the images.
 """
 
 import logging

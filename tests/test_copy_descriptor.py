@@ -197,7 +197,9 @@ def test_the_copy_descriptor_trains_loads_and_scores_on_the_planted_copies(data_
     assert scored["uAP"] == pytest.approx(metrics["test/uAP"], abs=1e-4)  # same images, same network
     assert scored["uAP_lo"] <= scored["uAP"] <= scored["uAP_hi"]
     assert "threshold@p90" in (tmp_path / "evaluate" / "table_row.md").read_text()
-    with pytest.raises(ValueError, match="not a copy-descriptor checkpoint"):
+    with pytest.raises(
+        ValueError, match="checkpoint of DDPMModule; expected a checkpoint of CopyDescriptorModule"
+    ):
         CopyDescriptorExtractor(str(_csd_like_checkpoint(tmp_path)))
 
 

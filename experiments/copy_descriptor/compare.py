@@ -8,8 +8,9 @@ Each descriptor is one `python -m src.evaluate benchmark=planted_copies extracto
 the colour histogram, the copy descriptor's network with random weights and, given --checkpoint, the trained
 copy descriptor. Written to OUT (default experiments/copy_descriptor):
 
-- descriptors.csv / descriptors.md: uAP, recall at precision 0.9 and its threshold, precision and recall at the
-  thresholds 0.5 / 0.75 / 0.9, mAP@100, each with its 95% bootstrap interval over queries;
+- descriptors.csv (every figure) / descriptors.md (`src.evaluate.copy_table_row`: uAP, recall at precision 0.9,
+  precision and recall at the thresholds 0.9 and 0.75, the precision-0.9 threshold, mAP@100), with their 95%
+  bootstrap intervals over queries;
 - edits.csv / edits.md: per edit of the copies, the share whose nearest database image is their source (top-1)
   and the share found at the descriptor's own precision-0.9 threshold;
 - descriptors.png: uAP and recall at precision 0.9 with their intervals.
@@ -28,11 +29,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from src.evaluate import copy_table_row  # noqa: E402
+from src.metrics import hit_matrix, search_topk  # noqa: E402
 from src.plots import save_figure  # noqa: E402
 from src.utils.embeddings import load_embeddings  # noqa: E402
 
 WEIGHT_FREE = ("pixels", "pixels_channel", "pixels_gray", "color_hist")
-KEYS = ("uAP", "recall@p90", "threshold@p90", "precision@0.9", "recall@0.9", "precision@0.75", "recall@0.75")
+THRESHOLDS = (0.9, 0.75)  # the precision / recall columns of the table (src.evaluate.copy_table_row)
 
 
 def run_evaluation(name: str, overrides: list[str], out: Path, extra: list[str]) -> dict:
@@ -56,9 +59,8 @@ def run_evaluation(name: str, overrides: list[str], out: Path, extra: list[str])
 def per_edit(run_dir: Path, threshold: float) -> dict[str, dict[str, float]]:
     """Per edit: (count, top-1 right share, share found at `threshold`) from the run's embeddings."""
     saved = load_embeddings(run_dir / "embeddings.npz")
-    scores = saved["query"] @ saved["database"].T
-    best, index = scores.max(dim=1)
-    right = (saved["query_labels"] & saved["database_labels"][index]).any(dim=1)
+    best, index = (x[:, 0] for x in search_topk(saved["query"], saved["database"], k=1))
+    right = hit_matrix(saved["query_labels"], saved["database_labels"], index[:, None])[:, 0]
     out = {}
     for q, path in enumerate(saved["query_paths"]):
         edit = Path(path).stem.split("__")[-1]
@@ -72,13 +74,6 @@ def per_edit(run_dir: Path, threshold: float) -> dict[str, dict[str, float]]:
         e: {"copies": r["copies"], "top1": r["top1"] / r["copies"], "found": r["found"] / r["copies"]}
         for e, r in out.items()
     }
-
-
-def cell(metrics: dict, key: str) -> str:
-    value = metrics[key]
-    if key.startswith("threshold"):
-        return f"{value:.3f} [{metrics[key + '_lo']:.3f}, {metrics[key + '_hi']:.3f}]"
-    return f"{100 * value:.1f} [{100 * metrics[key + '_lo']:.1f}, {100 * metrics[key + '_hi']:.1f}]"
 
 
 def main() -> None:
@@ -96,15 +91,13 @@ def main() -> None:
         ]
     results = {name: run_evaluation(name, o, args.out, args.overrides) for name, o in descriptors.items()}
 
-    header = ["descriptor", *KEYS, "mAP@100"]
-    rows = [[name, *(cell(m, k) for k in KEYS), f"{100 * m['mAP@100']:.1f}"] for name, m in results.items()]
     with (args.out / "descriptors.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["descriptor", *sorted(next(iter(results.values())))])
         for name, m in results.items():
             writer.writerow([name, *(m[k] for k in sorted(m))])
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    table += ["| " + " | ".join(row) + " |" for row in rows]
+    rows = [copy_table_row(name, m, THRESHOLDS) for name, m in results.items()]
+    table = [rows[0][0], "|" + "---|" * (rows[0][0].count("|") - 1), *(row for _, row in rows)]
     (args.out / "descriptors.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 

@@ -7,9 +7,11 @@ descriptor changes? (docs/replication.md#which-descriptor-and-threshold-for-each
 
 RUN is a run folder of `src.train` that ended with its replication analysis (`replication/summary.json`, the
 generations in `samples/final/`), or a multirun folder holding such runs. Each run's training and held-out
-images are read back from its own config (the datamodule is rebuilt from `config_resolved.yaml`, so the subset
-is the run's, drawn by its seed), and `analyse_replication` runs again on the same generations for each
-`--descriptor NAME:THRESHOLD[:OVERRIDE,...]` (NAME a conf/extractor/ config). Written to OUT:
+images are read back from its own config (`src.generation.run_datamodule`: the datamodule rebuilt from
+`config_resolved.yaml`, so the subset is the run's, drawn by its seed), and `analyse_replication` runs again on
+the same generations for each `--descriptor NAME:THRESHOLD[:OVERRIDE,...]` (NAME a conf/extractor/ config; one
+descriptor at several thresholds is built once, and the training features are cached, content-keyed, under
+OUT/feature_cache). Written to OUT:
 
 - runs/<run>/<descriptor>/{train,control}/: the replication reports;
 - restudy.csv / restudy.md: per run and descriptor, the share of generations above the threshold against the
@@ -21,24 +23,15 @@ import argparse
 import csv
 from pathlib import Path
 
-import numpy as np
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
+from src.callbacks.diffusion import read_top1
+from src.generation import run_datamodule
 from src.replication.analysis import analyse_replication
-from src.replication.study import read_json
+from src.replication.study import bootstrap_interval, find_runs, read_json, share_above
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-def find_runs(folders: list[str]) -> list[Path]:
-    runs = []
-    for folder in folders:
-        runs += sorted(p.parents[1] for p in Path(folder).rglob("replication/summary.json"))
-    if not runs:
-        raise SystemExit(f"no run with replication/summary.json under {folders}")
-    return runs
 
 
 def parse_descriptor(spec: str) -> tuple[str, str, float, list[str]]:
@@ -59,24 +52,6 @@ def build_extractor(name: str, overrides: list[str]):
     return instantiate(cfg.extractor).eval()
 
 
-def run_files(run: Path):
-    """(root, training files, held-out files) of a finished run, from its own datamodule config."""
-    cfg = OmegaConf.load(run / "config_resolved.yaml")
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    return Path(datamodule.root), list(datamodule.train_files), list(getattr(datamodule, "control_files", []))
-
-
-def share_interval(
-    top1: np.ndarray, threshold: float, bootstrap: int = 1000, seed: int = 0
-) -> tuple[float, float]:
-    above = (top1 > threshold).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    draws = above[rng.integers(0, len(above), (bootstrap, len(above)))].mean(axis=1)
-    return float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+")
@@ -85,10 +60,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     descriptors = [parse_descriptor(spec) for spec in args.descriptor]
-    extractors = {label: build_extractor(name, overrides) for label, name, _, overrides in descriptors}
+    built, extractors = {}, {}  # a descriptor named at several thresholds is built once
+    for label, name, _, overrides in descriptors:
+        key = (name, tuple(overrides))
+        if key not in built:
+            built[key] = build_extractor(name, overrides)
+        extractors[label] = built[key]
     rows = []
     for run in find_runs(args.runs):
-        root, train_files, control_files = run_files(run)
+        datamodule = run_datamodule(run, "restudy.py", "give the run folders of `python -m src.train`")
+        root, train_files = Path(datamodule.root), list(datamodule.train_files)
+        control_files = list(getattr(datamodule, "control_files", []))
         summary = read_json(run / "replication" / "summary.json")
         name = f"{run.parent.name}/{run.name}"
         for label, _, threshold, _ in descriptors:
@@ -106,10 +88,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     threshold=threshold,
                     batch_size=args.batch_size,
                     device="cpu",
-                    cache_dir=None,
+                    cache_dir=args.out / "feature_cache",
                 )
-                top1 = np.array([float(r["sim_1"]) for r in csv.DictReader((out / "matches.csv").open())])
-                low, high = share_interval(top1, threshold)
+                low, high = bootstrap_interval(read_top1(out), share_above(threshold), resamples=1000)
                 row.update(
                     {
                         f"{target}_share": stats["sim_gt_thr"],

@@ -182,17 +182,16 @@ class ReplicationAnalysis(Callback):
             log.warning(
                 "no held-out control images in this datamodule: only the training images are analysed"
             )
-        variants = [
-            ("train", {"name": "none"}),
-            *((f"inference_{mitigation_tag(m)}", m) for m in self.inference_mitigations),
-        ]
+        # (report tag, generation folder, the mitigation's options without its folder label)
+        variants = [("train", "final", {"name": "none"})]
+        for m in self.inference_mitigations:
+            label = mitigation_tag(m)
+            options = {k: v for k, v in m.items() if k != "label"}
+            variants.append((f"inference_{label}", f"final_{label}", options))
         metrics, top1, sizes = {}, {}, {}
         digest = state_digest(pl_module)  # keys every generation folder below; computed once
-        for tag, mitigation in variants:
-            folder = (
-                run_dir / "samples" / ("final" if tag == "train" else f"final_{mitigation_tag(mitigation)}")
-            )
-            mitigation = {k: v for k, v in mitigation.items() if k != "label"}
+        for tag, folder_name, mitigation in variants:
+            folder = run_dir / "samples" / folder_name
             generate_to_folder(
                 pl_module,
                 folder,

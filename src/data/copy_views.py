@@ -20,7 +20,6 @@ photographs and the faces, so it is never trained on) and procedural "dead leave
 which add the variety that ten photographs lack.
 """
 
-import io
 import logging
 import math
 import random
@@ -35,8 +34,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from src.data.images import ImageListDataset, build_atomically, collate_skip_none, list_images
-from src.data.style.transforms import IMAGENET_MEAN, IMAGENET_STD
+from src.data.images import ImageListDataset, build_atomically, collate_skip_none, jpeg_roundtrip, list_images
+from src.data.style.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +106,6 @@ def paste_onto(image: Image.Image, background: Image.Image, rng: random.Random) 
     return canvas
 
 
-def jpeg(image: Image.Image, quality: int) -> Image.Image:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-
-
 class CopyAugment:
     """One view of SSCD's "advanced" augmentations (module docstring): PIL RGB image -> (3, S, S) normalised.
 
@@ -134,10 +127,13 @@ class CopyAugment:
         self.finish = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
         self.blur_scale = self.image_size / 224  # SSCD's blur radii are in pixels of a 224-px crop
 
-    def __call__(self, image: Image.Image, background: Image.Image | None = None) -> torch.Tensor:
+    def __call__(self, image: Image.Image, background=None) -> torch.Tensor:
+        """background: None, or a callable giving the image to paste onto (read only when the paste is drawn;
+        an unreadable one, None, leaves the image as it is). With paste_p 0 nothing is drawn for it."""
         rng = random
-        if background is not None and rng.random() < self.paste_p:
-            image = paste_onto(image, background, rng)
+        if self.paste_p > 0 and background is not None and rng.random() < self.paste_p:
+            canvas = background()
+            image = image if canvas is None else paste_onto(image, canvas, rng)
         if rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if rng.random() < 0.05:
@@ -156,21 +152,8 @@ class CopyAugment:
         if rng.random() < 0.5:
             image = image.filter(ImageFilter.GaussianBlur(rng.uniform(1, 5) * self.blur_scale))
         if rng.random() < 0.2:
-            image = jpeg(image, rng.randint(0, 100))
+            image = jpeg_roundtrip(image, rng.randint(0, 100))
         return self.finish(image)
-
-
-def eval_copy_transform(image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
-    """The deterministic view of an image to describe: resized to image_size on the short side (bicubic),
-    centre-cropped square, normalised."""
-    return T.Compose(
-        [
-            T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(image_size),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
 
 
 def build_photo_crops(
@@ -284,15 +267,15 @@ class TwoViews(ImageListDataset):
     other image of the set as the background of the paste augmentation (`CopyAugment.paste_p`)."""
 
     def _background(self) -> Image.Image | None:
-        if len(self) < 2 or not getattr(self.transform, "paste_p", 0):
-            return None
+        """A random image of the set (None when unreadable), drawn when a view pastes onto another image."""
         return self.load(random.randrange(len(self)))
 
     def __getitem__(self, index: int) -> dict | None:
         image = self.load(index)
         if image is None:
             return None
-        views = [self.transform(image, self._background()) for _ in range(2)]
+        background = self._background if len(self) > 1 else None
+        views = [self.transform(image, background) for _ in range(2)]
         return {"views": torch.stack(views), "index": index}
 
 
@@ -390,7 +373,7 @@ class CopyDataModule(L.LightningDataModule):
     def _eval_loader(self, rset) -> DataLoader:
         hp = self.hparams
         dataset = ImageListDataset(
-            rset.root, rset.query + rset.database, eval_copy_transform(hp.image_size, hp.mean, hp.std)
+            rset.root, rset.query + rset.database, eval_transform(hp.image_size, hp.mean, hp.std)
         )
         return DataLoader(dataset, batch_size=hp.eval_batch_size, num_workers=0, collate_fn=collate_skip_none)
 

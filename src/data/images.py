@@ -11,6 +11,7 @@
 - `build_atomically`: a data folder written once, atomically (the embedded data sets).
 """
 
+import io
 import json
 import logging
 import os
@@ -303,3 +304,10 @@ def build_atomically(root, name: str, write: Callable[[Path], dict], force: bool
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def jpeg_roundtrip(image: Image.Image, quality: int) -> Image.Image:
+    """`image` saved as JPEG at `quality` (0-100) and read back as RGB, in memory: JPEG artefacts as an edit."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")

@@ -25,7 +25,6 @@ looks like). The build is deterministic for its seed and cached (`build_atomical
 """
 
 import csv
-import io
 import logging
 from importlib import metadata
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from src.data.images import build_atomically
+from src.data.images import build_atomically, jpeg_roundtrip
 from src.data.style.retrieval import RetrievalSet
 
 log = logging.getLogger(__name__)
@@ -56,8 +55,8 @@ def _to_array(image: Image.Image) -> np.ndarray:
 
 def photo_cells(names: list[str], size: int) -> list[tuple[str, Image.Image]]:
     """Non-overlapping square cells of each photograph (side: a fifth of its short side), resized to `size`;
-    flat cells (luma std < 0.03) are left out."""
-    from src.data.embedded.style_bench import load_photo
+    flat cells (luma std below the style benchmark's MIN_CROP_STD, 0.03) are left out."""
+    from src.data.embedded.style_bench import MIN_CROP_STD, load_photo
 
     cells = []
     for name in names:
@@ -69,7 +68,7 @@ def photo_cells(names: list[str], size: int) -> list[tuple[str, Image.Image]]:
                 crop = Image.fromarray(photo[top : top + side, left : left + side]).resize(
                     (size, size), Image.Resampling.LANCZOS
                 )
-                if (_to_array(crop) @ np.array([0.299, 0.587, 0.114])).std() >= 0.03:
+                if (_to_array(crop) @ np.array([0.299, 0.587, 0.114])).std() >= MIN_CROP_STD:
                     cells.append((f"{name}_{top}_{left}", crop))
     return cells
 
@@ -105,9 +104,7 @@ def edit_copy(
         canvas.paste(source.resize((side, side), Image.Resampling.BICUBIC), (left, top))
         return canvas
     if edit == "jpeg":
-        buffer = io.BytesIO()
-        source.save(buffer, format="JPEG", quality=int(rng.integers(5, 21)))
-        return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+        return jpeg_roundtrip(source, int(rng.integers(5, 21)))
     if edit == "drift":
         y = colour_cast(x, rng, 0.6, 0.95)
         y = _to_array(_to_image(y).filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 0.9))))

@@ -21,8 +21,8 @@ predictions of all queries are ranked by confidence together, so one threshold s
 import numpy as np
 import torch
 
-from src.metrics.retrieval import retrieval_metrics
-from src.metrics.search import search_topk
+from src.metrics.retrieval import count_relevant, hit_matrix, metrics_from_hits, retrieval_topk
+from src.metrics.search import as_features
 
 P90 = 0.9
 
@@ -90,6 +90,7 @@ def copy_detection_metrics(
     Returns the point figures, `mAP@k` for each k (queries with copies), counts, and with bootstrap > 0
     `<name>_lo` / `<name>_hi` (95% percentile intervals over resampled queries).
     """
+    query, database = as_features(query, "query"), as_features(database, "database")
     query_labels = torch.as_tensor(query_labels, dtype=torch.bool)
     database_labels = torch.as_tensor(database_labels, dtype=torch.bool)
     if query_labels.shape[0] != len(query) or database_labels.shape[0] != len(database):
@@ -97,19 +98,18 @@ def copy_detection_metrics(
             f"copy_detection_metrics: {len(query)} queries / {len(database)} database rows but labels of "
             f"{query_labels.shape[0]} / {database_labels.shape[0]} rows."
         )
-    query, database = torch.as_tensor(query), torch.as_tensor(database)
-    scores, index = search_topk(query, database, k=1)
-    scores, index = scores[:, 0].double().numpy(), index[:, 0]
-    correct = (query_labels & database_labels[index]).any(dim=1).numpy()
-    has_copy = (query_labels.int() @ database_labels.int().T > 0).any(dim=1).numpy()
-    if not has_copy.any():
+    # One search serves both views: the top-1 prediction of each query and its ranked list for mAP@k.
+    top_scores, indices = retrieval_topk(query, database, max(ks))
+    hits = hit_matrix(query_labels, database_labels, indices).cpu()  # (Q, k) bool
+    n_copies = count_relevant(query_labels, database_labels).cpu()  # (Q,)
+    with_copy = n_copies > 0
+    if not with_copy.any():
         raise ValueError("copy_detection_metrics: no query has a copy in the database; nothing to detect.")
+    scores, correct, has_copy = top_scores[:, 0].double().cpu().numpy(), hits[:, 0].numpy(), with_copy.numpy()
     thresholds = tuple(float(t) for t in thresholds)
-    out = _point(scores, correct, has_copy, thresholds)
-    with_copy = torch.from_numpy(has_copy)
-    ranked = retrieval_metrics(
-        query[with_copy], database, query_labels[with_copy], database_labels, ks=tuple(ks)
-    )
+    point = _point(scores, correct, has_copy, thresholds)
+    out = dict(point)
+    ranked = metrics_from_hits(hits[with_copy], n_copies[with_copy], ks)
     for k in ks:  # standard AP (the copies' precision at their ranks over min(k, copies)), not CSD's mAP@k
         out[f"mAP@{k}"], out[f"recall@top{k}"] = ranked[f"standardAP@{k}"], ranked[f"recall@{k}"]
     out.update(
@@ -122,7 +122,7 @@ def copy_detection_metrics(
             pick = rng.integers(0, len(scores), len(scores))
             if has_copy[pick].any():
                 draws.append(_point(scores[pick], correct[pick], has_copy[pick], thresholds))
-        for key in _point(scores, correct, has_copy, thresholds):
+        for key in point:
             values = np.array([d[key] for d in draws], dtype=np.float64)
             values = values[np.isfinite(values)]
             lo, hi = np.percentile(values, [2.5, 97.5]) if len(values) else (np.nan, np.nan)

@@ -15,7 +15,6 @@ Validation and test score copy detection on the planted-copy benchmark (`val/uAP
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from hydra.utils import instantiate
 
 from src.losses import copy_infonce_loss, gather_with_grad, koleo_loss
@@ -24,12 +23,6 @@ from src.models.csd import gather_scored, gather_uneven
 from src.nn.copy_descriptor import CopyDescriptorNet
 from src.utils.checkpoints import record_module_class
 from src.utils.guards import stop_on_nonfinite_loss
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def mix_views(
@@ -68,8 +61,7 @@ class CopyDescriptorModule(L.LightningModule):
 
     optimizer: a `_partial_` optimizer config (timm's LARS as SSCD, or AdamW) given every parameter; its `lr` is
     multiplied by global batch / `reference_batch` when `scale_lr` (SSCD: 0.3 per 256 images); keys set to null
-    are left out. scheduler: a
-    `_partial_` of `src.models.csd.lr_schedule` (linear warm-up, cosine to `min_lr`).
+    are left out. scheduler: a `_partial_` of `src.models.csd.lr_schedule` (linear warm-up, cosine to `min_lr`).
     """
 
     def __init__(
@@ -108,8 +100,7 @@ class CopyDescriptorModule(L.LightningModule):
 
     def loss(self, batch: dict) -> dict[str, torch.Tensor]:
         views = batch["views"]  # (B, 2, 3, S, S)
-        b = views.shape[0]
-        rank, world = _world()
+        b, rank = views.shape[0], self.global_rank
         images = torch.cat([views[:, 0], views[:, 1]])  # (2B, ...): first views, then second views
         targets = torch.eye(b, dtype=torch.bool, device=images.device).repeat(2, 1)  # (2B, B) local image ids
         mixed = 0
@@ -126,12 +117,15 @@ class CopyDescriptorModule(L.LightningModule):
             )
         rows = self.net(images)
         columns = gather_with_grad(rows)  # (world * 2B, D)
+        world = len(columns) // len(rows)
         # Image ids are global: process r's images are columns r*B .. r*B + B - 1 of the target matrix.
         padded = torch.zeros(len(rows), world * b, dtype=torch.bool, device=rows.device)
         padded[:, rank * b : (rank + 1) * b] = targets
-        all_targets = gather_uneven(padded) if world > 1 else padded
+        all_targets = gather_uneven(padded)  # itself in one process
         match = (padded.float() @ all_targets.float().T) > 0  # (2B, world * 2B)
         self_index = torch.arange(len(rows), device=rows.device) + rank * len(rows)
+        # Each term takes its own rows @ columns.T (2B x world*2B x D, negligible beside the network): sharing one
+        # product would change the backward's rounding, and so the published runs' digits.
         infonce = copy_infonce_loss(rows, columns, match, self_index, self.hparams.temperature)
         koleo = koleo_loss(rows, columns, match)
         total = infonce + self.hparams.entropy_weight * koleo

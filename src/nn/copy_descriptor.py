@@ -11,11 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.nn.sscd import GeMPool
-from src.utils.checkpoints import checkpoint_kind, load_checkpoint
-
-TRAIN_COPY_DESCRIPTOR = (
-    "train one with `python -m src.train experiment=sscd_quickstart` and pass <run>/checkpoints/last.ckpt"
-)
+from src.utils.checkpoints import TRAIN_COPY_DESCRIPTOR, expect_module, load_checkpoint
 
 
 class CopyDescriptorNet(nn.Module):
@@ -70,9 +66,7 @@ def load_copy_descriptor(path) -> tuple[CopyDescriptorNet, dict]:
     `image_size`, `mean`, `std`, `backbone`, `dim`)."""
     path = Path(path)
     ckpt = load_checkpoint(path, "copy-descriptor checkpoint", make=TRAIN_COPY_DESCRIPTOR)
-    kind = checkpoint_kind(ckpt)
-    if kind != "CopyDescriptorModule":
-        raise ValueError(f"{path} is {kind}, not a copy-descriptor checkpoint; {TRAIN_COPY_DESCRIPTOR}.")
+    expect_module(ckpt, path, ("CopyDescriptorModule",), make=TRAIN_COPY_DESCRIPTOR)
     hp = ckpt["hyper_parameters"]
     net = CopyDescriptorNet(hp["backbone"], hp["dim"], hp["pool_p"], input_norm=hp.get("input_norm", "none"))
     state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}

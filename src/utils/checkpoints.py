@@ -29,6 +29,9 @@ TRAIN_CSD = (
     "train one with `python -m src.train experiment=csd_quickstart` and pass <run>/checkpoints/last.ckpt, "
     "or give the official CSD release's checkpoint.pth"
 )
+TRAIN_COPY_DESCRIPTOR = (
+    "train one with `python -m src.train experiment=sscd_quickstart` and pass <run>/checkpoints/last.ckpt"
+)
 
 
 class CheckpointError(ValueError):
