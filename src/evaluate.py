@@ -1,5 +1,6 @@
 """Score a descriptor on a query/database benchmark: style retrieval (`python -m src.evaluate extractor=clip_vitb16
-benchmark=wikiart`) or copy detection (`python -m src.evaluate extractor=pixels_channel benchmark=planted_copies`).
+benchmark=wikiart`), copy detection (`python -m src.evaluate extractor=pixels_channel benchmark=planted_copies`) or
+retrieval of partial copies (`python -m src.evaluate extractor=pixels benchmark=copy_segmix`).
 
 Any extractor of conf/extractor/ (a trained CSD checkpoint: `extractor=csd extractor.checkpoint=...`) on any benchmark
 of conf/benchmark/. Writes `metrics.json`, a markdown row (retrieval: shaped like the CSD paper's Table 1,
@@ -19,7 +20,7 @@ from omegaconf import DictConfig
 
 import src.utils  # noqa: F401  (registers the config resolvers)
 from src.data.style.retrieval import RetrievalSet
-from src.metrics import copy_detection_metrics, retrieval_metrics
+from src.metrics import copy_detection_metrics, partial_copy_metrics, retrieval_metrics
 from src.nn.embed import embed_images
 from src.utils.checks import check_number
 from src.utils.embeddings import load_embeddings, save_embeddings
@@ -74,6 +75,19 @@ def copy_table_row(name: str, metrics: dict, thresholds=()) -> tuple[str, str]:
     return header, f"| {name} | " + " | ".join(cells) + " |"
 
 
+def partial_copy_row(name: str, metrics: dict, ks=(1, 4, 10)) -> tuple[str, str]:
+    """Header and row of a partial-copy result: mAP, MRR, precision@k and recall@k in percent, with the 95%
+    bootstrap intervals of mAP and MRR."""
+    keys = ["mAP", "MRR"] + [f"precision@{k}" for k in ks] + [f"recall@{k}" for k in ks]
+    cells = []
+    for key in keys:
+        cell = f"{100 * metrics[key]:.1f}"
+        if key in ("mAP", "MRR") and f"{key}_lo" in metrics:
+            cell += f" [{100 * metrics[f'{key}_lo']:.1f}, {100 * metrics[f'{key}_hi']:.1f}]"
+        cells.append(cell)
+    return "| Method | " + " | ".join(keys) + " |", f"| {name} | " + " | ".join(cells) + " |"
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     for k in cfg.ks:
@@ -87,13 +101,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         saved = load_embeddings(cfg.embeddings)
         query, database = saved["query"], saved["database"]
         query_labels, database_labels = saved["query_labels"], saved["database_labels"]
-        task = saved["task"]
+        task, chunks = saved["task"], saved["split_chunks"]
         log.info(f"Re-scoring {cfg.embeddings}: {len(query)} queries, {len(database)} database images")
     else:
         device = resolve_device(cfg.device)
         rset: RetrievalSet = hydra.utils.instantiate(cfg.benchmark)
         task = rset.task
         extractor = instantiate(cfg.extractor).to(device).eval()
+        chunks = getattr(extractor, "split_chunks", 1)
         args = (cfg.batch_size, cfg.num_workers, device)
         project = None
         if cfg.get("pca_dims"):
@@ -129,16 +144,28 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 descriptor=name,
                 half=cfg.half_embeddings,
                 task=task,
+                split_chunks=chunks,
             )
             log.info(f"Saved embeddings to {path}")
     if cfg.get("pca_dims") and cfg.get("embeddings") and query.shape[1] > cfg.pca_dims:
         query, database = pca_reduce(query, database, cfg.pca_dims)
+    if chunks > 1 and task != "partial_copy":
+        raise ValueError(
+            f"{name} gives token features for the split-product similarity, which only the partial-copy "
+            "benchmarks score (benchmark=copy_segmix ...); use pool=token or avg for this benchmark."
+        )
     if task == "copy_detection":
         thresholds = tuple(cfg.get("copy_thresholds") or ())
         metrics = copy_detection_metrics(
             query, database, query_labels, database_labels, thresholds, cfg.get("bootstrap", 1000), ks=cfg.ks
         )
         header, row = copy_table_row(name, metrics, thresholds)
+    elif task == "partial_copy":
+        ks = tuple(cfg.get("partial_copy_ks") or (1, 4, 10))
+        metrics = partial_copy_metrics(
+            query, database, query_labels, database_labels, ks, chunks, cfg.get("bootstrap", 1000)
+        )
+        header, row = partial_copy_row(name, metrics, ks)
     else:
         metrics = retrieval_metrics(query, database, query_labels, database_labels, ks=tuple(cfg.ks))
         header = "| Method | " + " | ".join([f"mAP@{k}" for k in cfg.ks] + [f"R@{k}" for k in cfg.ks]) + " |"
@@ -157,7 +184,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float:
     metrics = evaluate(cfg)
     key = cfg.get("optimized_metric", "mAP@10")
-    return metrics.get(key, metrics.get("uAP"))  # a copy-detection set has no mAP@10: its headline is uAP
+    # a copy-detection set has no mAP@10: its headline is uAP; a partial-copy set's is mAP
+    return metrics.get(key, metrics.get("uAP", metrics.get("mAP")))
 
 
 if __name__ == "__main__":

@@ -209,6 +209,7 @@ def test_clip_extractor_uses_clip_preprocessing(extractors):
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "extractor"
 PAPER_CONFIGS = [
+    "dino_vitb16_split",
     "pixels",
     "pixels_channel",
     "pixels_gray",

@@ -3,7 +3,7 @@ metrics for style and copy retrieval, copy-detection scores, replication statist
 CLIP score from features, extraction distances (tiled l2, cliques, the adaptive score) and membership ROC
 summaries."""
 
-from src.metrics.copy_detection import copy_detection_metrics
+from src.metrics.copy_detection import average_rank, copy_detection_metrics, partial_copy_metrics
 from src.metrics.extraction import (
     adaptive_extraction_score,
     clique_summary,
@@ -25,12 +25,14 @@ from src.metrics.search import search_topk
 
 __all__ = [
     "adaptive_extraction_score",
+    "average_rank",
     "clique_summary",
     "copy_detection_metrics",
     "count_relevant",
     "hit_matrix",
     "max_clique",
     "metrics_from_hits",
+    "partial_copy_metrics",
     "nearest_training",
     "per_label_precision",
     "replication_stats",

@@ -128,3 +128,139 @@ def copy_detection_metrics(
             lo, hi = np.percentile(values, [2.5, 97.5]) if len(values) else (np.nan, np.nan)
             out[f"{key}_lo"], out[f"{key}_hi"] = float(lo), float(hi)
     return out
+
+
+def split_product_scores(query: torch.Tensor, database: torch.Tensor, chunks: int) -> torch.Tensor:
+    """(Q, N) split-product similarities (docs/replication.md#split-product-similarity): each row of `query`
+    (Q, chunks * D) and `database` (N, chunks * D) is cut into `chunks` pieces of D values, and the score is the
+    largest of the per-position inner products, max_t <q_t, v_t>. Rows are expected L2-normalised as a whole.
+    """
+    if query.shape[1] != database.shape[1]:
+        raise ValueError(
+            f"split_product_scores: query rows have {query.shape[1]} values and database rows {database.shape[1]}."
+        )
+    if chunks < 1 or query.shape[1] % chunks:
+        raise ValueError(f"split_product_scores: {query.shape[1]} values cannot be cut into {chunks} chunks.")
+    q = query.reshape(len(query), chunks, -1)
+    d = database.reshape(len(database), chunks, -1)
+    return torch.einsum("qtd,ntd->qnt", q, d).amax(dim=2)
+
+
+def positive_ranks(
+    query, database, query_labels, database_labels, chunks: int = 1, chunk_size: int = 64
+) -> list[np.ndarray]:
+    """For each query, the sorted 0-based positions of its positives (database rows sharing a label) in its full
+    ranking of the database by similarity (descending; ties by database order, as a stable sort). Inner products,
+    or split-product similarities when `chunks` > 1."""
+    query, database = as_features(query, "query"), as_features(database, "database")
+    query_labels = torch.as_tensor(query_labels, dtype=torch.bool)
+    database_labels = torch.as_tensor(database_labels, dtype=torch.bool)
+    if query.shape[1] != database.shape[1]:
+        raise ValueError(
+            f"query embeddings have {query.shape[1]} dimensions and database embeddings {database.shape[1]}: "
+            "both sets must come from the same extractor."
+        )
+    if query_labels.shape[0] != len(query) or database_labels.shape[0] != len(database):
+        raise ValueError(
+            f"{len(query)} queries / {len(database)} database rows but labels of {query_labels.shape[0]} / "
+            f"{database_labels.shape[0]} rows."
+        )
+    positives = (query_labels.float() @ database_labels.float().T) > 0  # (Q, N)
+    out = []
+    for start in range(0, len(query), chunk_size):
+        q = query[start : start + chunk_size]
+        scores = split_product_scores(q, database, chunks) if chunks > 1 else q @ database.T
+        order = torch.argsort(scores, dim=1, descending=True, stable=True)
+        ranked_positive = positives[start : start + chunk_size].gather(1, order)  # (c, N) in rank order
+        out.extend(np.flatnonzero(row) for row in ranked_positive.numpy())
+    return out
+
+
+def trapezoid_ap(ranks: np.ndarray, num_positives: int) -> float:
+    """Average precision of positives at sorted 0-based `ranks`, the trapezoids of the precision-recall curve
+    (the revisited-Oxford `compute_ap` the Forgery paper's retrieval code uses): at the j-th positive (0-based)
+    found at rank r, recall rises by 1 / num_positives and precision goes from j / r (1 at r = 0) to
+    (j + 1) / (r + 1); the step adds the mean of the two."""
+    j = np.arange(len(ranks), dtype=np.float64)
+    r = ranks.astype(np.float64)
+    before = np.where(r == 0, 1.0, j / np.maximum(r, 1))
+    after = (j + 1) / (r + 1)
+    return float(((before + after) / 2).sum() / num_positives)
+
+
+def _ranked_point(per_query: dict[str, np.ndarray], pick: np.ndarray) -> dict[str, float]:
+    return {key: float(values[pick].mean()) for key, values in per_query.items()}
+
+
+def partial_copy_metrics(
+    query,
+    database,
+    query_labels,
+    database_labels,
+    ks=(1, 4, 10),
+    chunks: int = 1,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Retrieval of each source's copies, scored as the Forgery paper's benchmark code scores it
+    (docs/replication.md#the-partial-copy-benchmark): over the queries with at least one copy in the database,
+    `mAP` (trapezoidal AP over the full ranking), `precision@k` (the revisited-Oxford variant: precision at
+    min(k, rank of the last copy), so a query whose 4 copies are ranked first scores 1 at k = 10), `recall@k`
+    and `MRR` (1 / rank of the first copy). `chunks` > 1 scores with the split-product similarity.
+    With bootstrap > 0, `<name>_lo` / `<name>_hi`: 95% percentile intervals over resampled queries.
+    """
+    query_labels = torch.as_tensor(query_labels, dtype=torch.bool)
+    database_labels = torch.as_tensor(database_labels, dtype=torch.bool)
+    ranks = positive_ranks(query, database, query_labels, database_labels, chunks)
+    kept = [i for i, r in enumerate(ranks) if len(r)]
+    if not kept:
+        raise ValueError("partial_copy_metrics: no query has a copy in the database; nothing to retrieve.")
+    per_query = {"mAP": [], "MRR": []}
+    for k in ks:
+        per_query[f"precision@{k}"], per_query[f"recall@{k}"] = [], []
+    for i in kept:
+        r = ranks[i]
+        per_query["mAP"].append(trapezoid_ap(r, len(r)))
+        per_query["MRR"].append(1.0 / (r[0] + 1))
+        one_based = r + 1
+        for k in ks:
+            kq = min(int(one_based[-1]), k)
+            per_query[f"precision@{k}"].append((one_based <= kq).sum() / kq)
+            per_query[f"recall@{k}"].append((one_based <= k).sum() / len(r))
+    per_query = {key: np.asarray(values, dtype=np.float64) for key, values in per_query.items()}
+    everyone = np.arange(len(kept))
+    out = _ranked_point(per_query, everyone)
+    out.update(
+        num_queries=float(len(ranks)), num_with_copy=float(len(kept)), num_database=float(len(database))
+    )
+    if bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        draws = [_ranked_point(per_query, rng.integers(0, len(kept), len(kept))) for _ in range(bootstrap)]
+        for key in per_query:
+            lo, hi = np.percentile([d[key] for d in draws], [2.5, 97.5])
+            out[f"{key}_lo"], out[f"{key}_hi"] = float(lo), float(hi)
+    return out
+
+
+def average_rank(table: dict[str, dict[str, float]], higher_is_better: bool = True) -> dict[str, float]:
+    """The Forgery paper's "average rank" (lower is better): for each setting (a column of `table`, e.g. one
+    metric on one set), the methods (rows) are ranked 1, 2, ... by their value, tied values sharing the mean of
+    their ranks; a method's figure is its mean rank over the settings. table: {method: {setting: value}}; every
+    method must have every setting."""
+    methods = list(table)
+    if not methods:
+        raise ValueError("average_rank: the table has no methods.")
+    settings = list(table[methods[0]])
+    for method in methods:
+        if set(table[method]) != set(settings):
+            missing = sorted(set(settings) ^ set(table[method]))
+            raise ValueError(
+                f"average_rank: {method!r} lacks or adds settings {missing}; rank like with like."
+            )
+    from scipy.stats import rankdata
+
+    ranks = np.zeros(len(methods))
+    for setting in settings:
+        values = np.array([table[m][setting] for m in methods], dtype=np.float64)
+        ranks += rankdata(-values if higher_is_better else values, method="average")
+    return {m: float(r / len(settings)) for m, r in zip(methods, ranks, strict=True)}

@@ -81,6 +81,7 @@ class CopyDescriptorModule(L.LightningModule):
         copy_thresholds: tuple[float, ...] = (0.5, 0.75, 0.9),
         pretrained: str | None = None,
         input_norm: str = "none",
+        output_stride: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -90,7 +91,7 @@ class CopyDescriptorModule(L.LightningModule):
             raise ValueError(
                 f"model.entropy_weight={entropy_weight}: must be >= 0 (SSCD: 30; 0 turns KoLeo off)."
             )
-        self.net = CopyDescriptorNet(backbone, dim, pool_p, pretrained, input_norm)
+        self.net = CopyDescriptorNet(backbone, dim, pool_p, pretrained, input_norm, output_stride)
         self.mixup = dict(mixup or {"prob": 0.0})
         self._mix_rng = None
         self.eval_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []

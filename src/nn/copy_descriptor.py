@@ -26,6 +26,9 @@ class CopyDescriptorNet(nn.Module):
     (instance normalisation without parameters), so a colour cast (each channel scaled and shifted) cannot
     change the descriptor: the invariance the pixel descriptor `normalize=channel` has, built in rather than
     learnt (the quickstart's choice, docs/replication.md#a-copy-descriptor-trained-here).
+
+    output_stride: None (the backbone's own, 32 for ResNets) or 16 / 8: the last stages dilated instead of strided
+    (timm's `output_stride`), so a 32 px input ends in a 2 x 2 or 4 x 4 map for GeM to pool rather than 1 x 1.
     """
 
     def __init__(
@@ -35,12 +38,15 @@ class CopyDescriptorNet(nn.Module):
         pool_p: float = 3.0,
         pretrained=None,
         input_norm: str = "none",
+        output_stride: int | None = None,
     ):
         super().__init__()
         if input_norm not in ("none", "channel"):
             raise ValueError(f"CopyDescriptorNet: input_norm={input_norm!r}; expected 'none' or 'channel'.")
         self.input_norm = input_norm
         kwargs = {"pretrained_cfg_overlay": {"file": str(pretrained)}} if pretrained else {}
+        if output_stride is not None:
+            kwargs["output_stride"] = int(output_stride)
         self.trunk = timm.create_model(
             backbone, pretrained=bool(pretrained), num_classes=0, global_pool="", **kwargs
         )
@@ -68,7 +74,13 @@ def load_copy_descriptor(path) -> tuple[CopyDescriptorNet, dict]:
     ckpt = load_checkpoint(path, "copy-descriptor checkpoint", make=TRAIN_COPY_DESCRIPTOR)
     expect_module(ckpt, path, ("CopyDescriptorModule",), make=TRAIN_COPY_DESCRIPTOR)
     hp = ckpt["hyper_parameters"]
-    net = CopyDescriptorNet(hp["backbone"], hp["dim"], hp["pool_p"], input_norm=hp.get("input_norm", "none"))
+    net = CopyDescriptorNet(
+        hp["backbone"],
+        hp["dim"],
+        hp["pool_p"],
+        input_norm=hp.get("input_norm", "none"),
+        output_stride=hp.get("output_stride"),
+    )
     state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(state)
     info = dict(

@@ -33,7 +33,7 @@ from src.nn.sscd import SSCD_ARCHS, GeMPool, build_sscd, is_torchscript, read_ss
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DCR_MEAN = DCR_STD = (0.5, 0.5, 0.5)
-POOLS = ("token", "avg")
+POOLS = ("token", "avg", "tokens")
 PREPROCESS = ("native", "dcr")
 
 
@@ -330,6 +330,9 @@ class OpenCLIPExtractor(Extractor):
 class TimmExtractor(Extractor):
     """A timm network's descriptor: the class token ("token", DINO's descriptor) or the mean of the patch tokens
     ("avg"; for CNNs timm's own global average pool). ViT tokens are taken after the final norm.
+    "tokens": every output token (a ViT's class and patch tokens; a CNN's last feature map, one token per
+    position) flattened into one vector, for the split-product similarity of the partial-copy benchmark
+    (docs/replication.md#split-product-similarity); `split_chunks` is then the number of tokens.
 
     Preprocessing: Resize(resize_size) -> CenterCrop(image_size) -> Normalize(mean, std).
     preprocess="native" (default): mean/std default to the weights' own (ImageNet for DINO, the paper's choice,
@@ -373,6 +376,9 @@ class TimmExtractor(Extractor):
             self.mean = tuple(mean) if mean is not None else backbone.mean
             self.std = tuple(std) if std is not None else backbone.std
         self.dim = backbone.feature_dim
+        if pool == "tokens":
+            self.split_chunks = _probe_tokens(self, image_size)
+            self.dim *= self.split_chunks
         # Only non-default preprocessing is named, so native names (and caches keyed by them) stay as they were.
         suffix = "" if preprocess == "native" else f"_{preprocess}"
         self.name = f"timm_{model}_{_name_of(pretrained)}_{pool}{suffix}"
@@ -381,7 +387,14 @@ class TimmExtractor(Extractor):
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
         return resize_crop_transform(self.image_size, self.resize_size, self.mean, self.std)
 
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, T, D): a ViT's output tokens after the final norm, or a CNN's last map as (B, h * w, C)."""
+        features = self.net.forward_features(images)
+        return features if self.is_vit else features.flatten(2).transpose(1, 2)
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
+        if self.pool == "tokens":
+            return self.tokens(images).flatten(1)
         if not self.is_vit:
             return self.net(images)  # (B, C): timm's pooled pre-logits (num_classes=0)
         tokens = self.net.forward_features(images)  # (B, T, D) after the final norm
@@ -550,6 +563,20 @@ class CopyDescriptorExtractor(TrainedNetExtractor):
         self.mean, self.std = tuple(info["mean"]), tuple(info["std"])
         self.dim = _probe_dim(self.net, self.image_size)
         self._freeze()
+
+
+@torch.no_grad()
+def _probe_tokens(extractor: "TimmExtractor", size: int) -> int:
+    """Number of output tokens of `extractor` at `size` px, from one blank image."""
+    param = next(extractor.net.parameters())
+    was_training = extractor.net.training
+    extractor.net.eval()
+    try:
+        return extractor.tokens(torch.zeros(1, 3, size, size, dtype=param.dtype, device=param.device)).shape[
+            1
+        ]
+    finally:
+        extractor.net.train(was_training)
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """Saved retrieval embeddings: one `.npz` that re-scores a descriptor without the images.
 
 Keys: `query`, `database` (float16/float32 (Q, D), (N, D)), `query_labels`, `database_labels` (bool (Q, L), (N, L)),
-`label_names`, `query_paths`, `database_paths` (str arrays), `root` (str), `descriptor` (str).
+`label_names`, `query_paths`, `database_paths` (str arrays), `root` (str), `descriptor` (str), `task` (how the set
+is scored) and `split_chunks` (token positions of a split-product descriptor; 1 for a global one).
 """
 
 import zipfile
@@ -36,8 +37,10 @@ def save_embeddings(
     descriptor: str = "",
     half: bool = False,
     task: str = "retrieval",
+    split_chunks: int = 1,
 ) -> Path:
-    """Write the embeddings file; `half=True` stores float16 (as the official CSD code does) to halve the size."""
+    """Write the embeddings file; `half=True` stores float16 (as the official CSD code does) to halve the size.
+    split_chunks: the token positions of a token descriptor scored by split product (1: a global descriptor)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = np.float16 if half else np.float32
@@ -56,6 +59,7 @@ def save_embeddings(
         database_paths=np.asarray([str(p) for p in database_paths], dtype=str),
         root=np.asarray(str(root)),
         task=np.asarray(str(task)),
+        split_chunks=np.asarray(int(split_chunks)),
         descriptor=np.asarray(descriptor),
     )
     return path
@@ -100,4 +104,5 @@ def load_embeddings(path: str | Path) -> dict:
         out[key] = out[key].tolist()
     out["root"], out["descriptor"] = str(out["root"]), str(out["descriptor"])
     out["task"] = str(out["task"]) if "task" in out else "retrieval"  # files written before copy detection
+    out["split_chunks"] = int(out["split_chunks"]) if "split_chunks" in out else 1
     return out
