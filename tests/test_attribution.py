@@ -52,8 +52,9 @@ def paint(folder, colour, count: int, seed: int) -> None:
         Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
 
 
-def test_attribute_writes_the_table_heat_map_and_galleries_and_names_what_it_left_out(tmp_path):
+def test_attribute_writes_the_table_heat_map_and_galleries_and_names_what_it_left_out(tmp_path, monkeypatch):
     from src.attribute import attribute_styles
+    from tests.test_notebooks import run_notebook
 
     refs, gen = tmp_path / "refs", tmp_path / "gen"
     colours = {"seurat": (200, 60, 60), "mucha": (60, 60, 200), "amano": (60, 200, 60)}
@@ -83,6 +84,8 @@ def test_attribute_writes_the_table_heat_map_and_galleries_and_names_what_it_lef
         assert (run / name).is_file(), name
     assert "| seurat |" in (run / "gss.md").read_text()
     assert json.loads((run / "metrics.json").read_text())["unmatched_folders"] == ["sd21/klimt"]
+    outputs, text, figures = run_notebook("style_attribution.ipynb", monkeypatch, RUN_DIR=run)
+    assert f"Run: {run}" in text and len(figures) >= 4  # heat map, reading bars, two galleries
 
 
 def test_attribute_refuses_generations_without_any_matching_artist(tmp_path):
@@ -102,3 +105,66 @@ def test_attribute_refuses_generations_without_any_matching_artist(tmp_path):
     )
     with pytest.raises(ValueError, match="no generated folder is named after an artist"):
         attribute_styles(cfg)
+
+
+def test_the_style_study_splits_styles_and_captions_only_the_learned_ones(data_dir, tmp_path):
+    from src.data.embedded.style_bench import build_style_bench
+    from tests.conftest import ROOT, TINY_BENCH, load_script
+
+    study = load_script(ROOT / "experiments" / "style_attribution" / "run.py", "style_attribution_run")
+    learned, unseen = study.split_styles()
+    assert len(learned) == len(unseen) == 8 and not set(learned) & set(unseen)
+    bench = build_style_bench(
+        data_dir, TINY_BENCH["seed"], TINY_BENCH["image_size"], TINY_BENCH["images_per_style"]
+    )
+    count = study.write_captions(bench, learned, tmp_path / "captions.json")
+    captions = json.loads((tmp_path / "captions.json").read_text())
+    assert count == len(captions) > 0
+    for path, (caption,) in captions.items():
+        style = path.split("/")[0]
+        assert (
+            style in learned
+            and caption.endswith(f"in the style of {style}")
+            and (bench / "images" / "train" / path).is_file()
+        )
+
+
+@pytest.mark.slow
+def test_the_style_study_runs_end_to_end_on_tiny_models(tiny_run, data_dir, tmp_path):
+    from tests.conftest import ROOT, TINY_BENCH, load_script
+
+    study = load_script(ROOT / "experiments" / "style_attribution" / "run.py", "style_attribution_run")
+    csd = tiny_run("csd_quickstart").run_dir / "checkpoints" / "last.ckpt"
+    t2i = tiny_run("t2i_quickstart").run_dir / "checkpoints" / "last.ckpt"
+    summary = study.main(
+        [
+            f"--csd={csd}",
+            f"--t2i={t2i}",
+            "--simple-seeds=2",
+            "--content-seeds=1",
+            f"--data-dir={data_dir}",
+            "--bench",
+            str(TINY_BENCH["image_size"]),
+            str(TINY_BENCH["images_per_style"]),
+            f"--out={tmp_path}",
+        ]
+    )
+    for name in ("csd_quickstart", "untrained_resnet", "color_hist"):
+        s = summary[name]
+        assert s["difference_lo"] <= s["difference"] <= s["difference_hi"]
+        assert -1 <= s["content_vs_simple_r"] <= 1 and len(s["gss"]) == 16
+    assert len(list((tmp_path / "generated" / "simple").iterdir())) == 16
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "gss.png").is_file()
+
+
+def test_the_gss_interval_matches_resampling_by_hand():
+    from src.metrics.attribution import gss_interval
+
+    torch.manual_seed(1)
+    refs, gens = F.normalize(torch.randn(4, 6), dim=1), F.normalize(torch.randn(7, 6), dim=1)
+    for key in ("gss_raw", "gss_unit"):
+        picks = np.random.default_rng(3).integers(0, 7, (300, 7))
+        by_hand = [general_style_similarity(refs, gens[torch.from_numpy(p)])[key] for p in picks]
+        assert gss_interval(refs, gens, key, draws=300, seed=3) == pytest.approx(
+            tuple(np.percentile(by_hand, [2.5, 97.5])), abs=1e-9
+        )

@@ -195,10 +195,11 @@ def test_diffusers_fill_names_the_missing_folder_and_the_cpu_alternative(tmp_pat
 
 
 @pytest.mark.slow
-def test_benchmark_configs_run_through_evaluate_and_rank(ddpm_checkpoint, tmp_path):
+def test_benchmark_configs_run_through_evaluate_and_rank(ddpm_checkpoint, tmp_path, monkeypatch):
     """Every partial-copy config composes and runs (the inpainting ones with the tiny DDPM), a token extractor
-    scores by split product, and the study script ranks the finished runs."""
+    scores by split product, the study script ranks the finished runs and the notebook reads them."""
     from src.evaluate import evaluate
+    from tests.test_notebooks import run_notebook
 
     folder = image_folder(tmp_path / "images", 10)
     common = [f"paths.data_dir={tmp_path / 'data'}", "bootstrap=20", "num_workers=0", "batch_size=16"]
@@ -260,3 +261,7 @@ def test_benchmark_configs_run_through_evaluate_and_rank(ddpm_checkpoint, tmp_pa
     assert set(ranks) == {"pixels", "split"} and sum(ranks.values()) == pytest.approx(3.0)
     assert "Avg. rank" in (tmp_path / "out" / "rank.md").read_text()
     assert (tmp_path / "out" / "results.png").is_file()
+    _, text, figures = run_notebook(
+        "copy_detection.ipynb", monkeypatch, STUDY_DIR=tmp_path / "out", DATA_DIR=tmp_path / "data"
+    )
+    assert "5 set(s)" in text and len(figures) == 1 + 5
