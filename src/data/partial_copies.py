@@ -276,6 +276,26 @@ def build_partial_copies(
         for i in roles["distractor"]:
             content[i][1].save(tmp / "distractors" / f"{content[i][0]}.png")
         sources = [content[i] for i in roles["source"]]
+        segments, no_segment = {}, []
+        if kind in SEGMIX_KINDS:
+            for key_, image in sources:
+                labels = read_mask(Path(masks) / f"{key_}.png", image.size) if masks else segment(image)
+                usable = [
+                    c
+                    for c in np.unique(labels)
+                    if c != VOID and (kind != "segmix_resized" or c != BACKGROUND)
+                ]
+                if usable:
+                    segments[key_] = labels
+                else:  # nothing to paste (a flat image; no object for segmix_resized): a distractor instead
+                    no_segment.append(key_)
+                    image.save(tmp / "distractors" / f"{key_}.png")
+            if no_segment:
+                log.warning(
+                    "partial copies: %d sources without a segment to paste became distractors",
+                    len(no_segment),
+                )
+            sources = [(key_, image) for key_, image in sources if key_ in segments]
         for key_, image in sources:
             folder = tmp / "sources" / key_
             folder.mkdir(parents=True)
@@ -283,7 +303,7 @@ def build_partial_copies(
         if kind in SEGMIX_KINDS:
             backgrounds = [content[i][1] for i in roles["background"]]
             for key_, image in sources:
-                labels = read_mask(Path(masks) / f"{key_}.png", image.size) if masks else segment(image)
+                labels = segments[key_]
                 for j in range(1, copies + 1):
                     background = backgrounds[int(rng.integers(len(backgrounds)))]
                     segmix_copy(image, labels, background, kind, rng)[0].save(
@@ -317,6 +337,7 @@ def build_partial_copies(
             "fill": fill,
             "max_sources": max_sources,
             "counts": {role: len(index) for role, index in roles.items()},
+            "sources_without_segment": no_segment,
             "versions": {p: metadata.version(p) for p in ("scikit-image", "pillow", "numpy", "torch")},
         }
 
