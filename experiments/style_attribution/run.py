@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--csd", help="a trained CSD checkpoint (default: train experiment=csd_quickstart)")
     parser.add_argument("--t2i", help="a trained text-to-image checkpoint on the learned styles")
-    parser.add_argument("--steps", type=int, default=3000, help="training steps of the text-to-image model")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps of the text-to-image model")
     parser.add_argument("--simple-seeds", type=int, default=SIMPLE_SEEDS)
     parser.add_argument("--content-seeds", type=int, default=CONTENT_SEEDS)
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
