@@ -1,4 +1,5 @@
-"""Generate images from a trained checkpoint: `python -m src.sample ckpt_path=... num_images=1000 sampler=ddim steps=50`.
+"""Generate images from a trained checkpoint: `python -m src.sample ckpt_path=... num_images=1000 sampler=ddim steps=50`,
+or from a diffusers Stable Diffusion directory: `python -m src.sample pretrained=<dir> prompts=<file> output_folder=<dir>`.
 
 Running the same command again resumes: the images already in the output folder are kept and only the missing ones
 are generated (src/generation.py). Text-conditional models take `prompts=training` or a prompt file, and an
@@ -20,6 +21,22 @@ from src.utils.run import claim_run_dir, print_config_tree, require_checkpoint, 
 log = logging.getLogger(__name__)
 
 
+def pretrained_module(cfg: DictConfig):
+    """A `Text2ImageModule` straight from a diffusers Stable Diffusion directory (no training run, no EMA)."""
+    from src.models.text2img import Text2ImageModule
+
+    check_number("image_size", cfg.image_size, low=8, integer=True)
+    module = Text2ImageModule(
+        pretrained=cfg.pretrained,
+        image_size=cfg.image_size,
+        ema_decay=0.0,
+        sampler=cfg.sampler or "ddim",
+        sample_steps=cfg.steps or 50,
+        guidance_scale=cfg.guidance_scale,
+    )
+    return module.to(resolve_device(cfg.device)).eval()
+
+
 def sample(cfg: DictConfig) -> Path:
     check_number("num_images", cfg.num_images, low=1, integer=True)
     check_number("batch_size", cfg.batch_size, low=1, integer=True)
@@ -27,8 +44,17 @@ def sample(cfg: DictConfig) -> Path:
     check_number("seed", cfg.seed, low=0, integer=True)
     claim_run_dir(cfg.paths.output_dir)
     print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_resolved.yaml")
-    ckpt_path = require_checkpoint(cfg.ckpt_path)
-    module = load_module(ckpt_path, resolve_device(cfg.device))
+    if cfg.get("pretrained"):
+        module, ckpt_path = pretrained_module(cfg), str(cfg.pretrained)
+        if not cfg.output_folder:
+            raise ValueError(
+                "pretrained=<Stable Diffusion dir> has no training run to write into: give output_folder"
+            )
+        if cfg.prompts in (None, "", "training"):
+            raise ValueError("pretrained=<Stable Diffusion dir> needs prompts=<file.txt or .json>")
+    else:
+        ckpt_path = require_checkpoint(cfg.ckpt_path)
+        module = load_module(ckpt_path, resolve_device(cfg.device))
     sampler = check_choice("sampler", cfg.sampler or module.hparams.sampler, SAMPLERS)
     steps = cfg.steps or module.hparams.sample_steps
     mitigation = OmegaConf.to_container(cfg.inference_mitigation, resolve=True)

@@ -142,6 +142,7 @@ def test_the_style_study_runs_end_to_end_on_tiny_models(tiny_run, data_dir, tmp_
             f"--t2i={t2i}",
             "--simple-seeds=2",
             "--content-seeds=1",
+            "--descriptors=csd_quickstart,color_hist",
             f"--data-dir={data_dir}",
             "--bench",
             str(TINY_BENCH["image_size"]),
@@ -149,7 +150,7 @@ def test_the_style_study_runs_end_to_end_on_tiny_models(tiny_run, data_dir, tmp_
             f"--out={tmp_path}",
         ]
     )
-    for name in ("csd_quickstart", "untrained_resnet", "color_hist"):
+    for name in ("csd_quickstart", "color_hist"):
         s = summary[name]
         assert s["difference_lo"] <= s["difference"] <= s["difference_hi"]
         assert -1 <= s["content_vs_simple_r"] <= 1 and len(s["gss"]) == 16
@@ -168,3 +169,63 @@ def test_the_gss_interval_matches_resampling_by_hand():
         assert gss_interval(refs, gens, key, draws=300, seed=3) == pytest.approx(
             tuple(np.percentile(by_hand, [2.5, 97.5])), abs=1e-9
         )
+
+
+def test_style_study_prompts_name_their_artists():
+    from src.data.style.prompts import artists_named, style_prompts, user_prompts
+
+    simple = style_prompts(["Seurat", "Mucha"], "simple", 3)
+    assert len(simple) == 6 and simple[0] == ("A painting in the style of Seurat", ["Seurat"])
+    dogs = style_prompts(["Seurat"], "dog", 2)
+    assert len(dogs) == 10 and dogs[0][0] == "A portrait of a dog in the style of Seurat"
+    assert artists_named("a cat, by seurat and Alphonse MUCHA", ["Seurat", "Mucha", "Amano"]) == [
+        "Seurat",
+        "Mucha",
+    ]
+    assert artists_named("Seuratism", ["Seurat"]) == []  # whole words only
+    kept = user_prompts(["a cat by Seurat", "a dog", "", "Mucha poster"], ["Seurat", "Mucha"])
+    assert kept == [("a cat by Seurat", ["Seurat"]), ("Mucha poster", ["Mucha"])]
+    assert len(user_prompts(["Seurat"] * 10, ["Seurat"], max_prompts=4)) == 4
+    with pytest.raises(ValueError, match="expected simple, woman, dog or house"):
+        style_prompts(["Seurat"], "cat", 1)
+
+
+@pytest.mark.slow
+def test_the_sd_style_study_generates_and_scores_with_a_tiny_stable_diffusion(tiny_sd_dir, tmp_path):
+    from tests.conftest import ROOT, TINY_SD, load_script
+
+    study = load_script(ROOT / "experiments" / "sd_style_study" / "run.py", "sd_style_study_run")
+    colours = {"Seurat": (200, 60, 60), "Mucha": (60, 60, 200)}
+    rows = []
+    for i, (artist, colour) in enumerate(colours.items()):
+        paint(tmp_path / "db" / artist, colour, 3, i)
+        rows += [f"{artist}/{j}.png,{artist}" for j in range(3)]
+    (tmp_path / "db" / "styles.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    (tmp_path / "artists.txt").write_text("Seurat\nMucha\n")
+    (tmp_path / "user.txt").write_text("a cat by Seurat\na dog\nMucha and Seurat together\n")
+    args = [
+        f"--pretrained={tiny_sd_dir}",
+        f"--artists={tmp_path / 'artists.txt'}",
+        f"--database={tmp_path / 'db' / 'styles.csv'}",
+        f"--user-prompts={tmp_path / 'user.txt'}",
+        "--settings=simple,user",
+        "--simple-repeats=2",
+        f"--image-size={TINY_SD['image_size']}",
+        "--steps=2",
+        "--device=cpu",
+        "--name=color_hist",
+        "--extractor",
+        "extractor=color_hist",
+        "num_workers=0",
+        f"--out={tmp_path / 'out'}",
+    ]
+    scores = study.main(args)
+    assert set(scores) == {"simple", "user"}
+    assert len(list((tmp_path / "out" / "generated" / "simple").glob("*.png"))) == 4
+    assert json.loads((tmp_path / "out" / "prompts" / "user.json").read_text()) == [
+        ["Seurat"],
+        ["Seurat", "Mucha"],
+    ]
+    assert all(0 <= m["mAP@1"] <= 1 and 0 < m["recall@100"] <= 1 for m in scores.values())
+    assert "| simple |" in (tmp_path / "out" / "results.md").read_text()
+    assert study.main(args) == scores  # finished steps are read again, not redone

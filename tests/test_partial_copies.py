@@ -270,7 +270,9 @@ def test_benchmark_configs_run_through_evaluate_and_rank(ddpm_checkpoint, tmp_pa
 def test_a_source_without_an_object_segment_becomes_a_distractor(tmp_path):
     folder = image_folder(tmp_path / "images", 8)
     Image.new("RGB", (32, 32), (90, 90, 90)).save(folder / "img00.png")  # flat: one segment, the background
-    built = build_partial_copies(tmp_path / "data", "segmix_resized", source=str(folder), image_size=32, copies=2)
+    built = build_partial_copies(
+        tmp_path / "data", "segmix_resized", source=str(folder), image_size=32, copies=2
+    )
     rset = load_copy_folders(built)
     skipped = json.loads((built / "meta.json").read_text())["sources_without_segment"]
     assert all("img00" not in q for q in rset.query)  # never a query: it has nothing to paste

@@ -199,6 +199,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=1500, help="training steps of the text-to-image model")
     parser.add_argument("--simple-seeds", type=int, default=SIMPLE_SEEDS)
     parser.add_argument("--content-seeds", type=int, default=CONTENT_SEEDS)
+    parser.add_argument(
+        "--descriptors",
+        default=",".join(DESCRIPTORS),
+        help=f"a comma-separated subset of {', '.join(DESCRIPTORS)}",
+    )
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--bench", nargs=2, type=int, default=(96, 250), metavar=("SIZE", "PER_STYLE"))
     parser.add_argument("--out", type=Path, default=Path("experiments/style_attribution"))
@@ -223,7 +228,11 @@ def main(argv: list[str] | None = None) -> dict:
         t2i = str(train_t2i(bench, captions, out / "train" / "t2i", args.steps))
     generated = out / "generated"
     generate(Path(t2i), generated, args.simple_seeds, args.content_seeds)
-    descriptors = dict(DESCRIPTORS, csd_quickstart=["extractor=csd", f"extractor.checkpoint={csd}"])
+    every = dict(DESCRIPTORS, csd_quickstart=["extractor=csd", f"extractor.checkpoint={csd}"])
+    unknown = set(args.descriptors.split(",")) - set(every)
+    if unknown:
+        parser.error(f"--descriptors: unknown {sorted(unknown)}; choose from {', '.join(every)}")
+    descriptors = {name: every[name] for name in args.descriptors.split(",")}
     references = bench / "images" / "database"
     summary = {"learned": learned, "unseen": unseen}
     for name, overrides in descriptors.items():
