@@ -278,3 +278,25 @@ def test_a_source_without_an_object_segment_becomes_a_distractor(tmp_path):
     assert all("img00" not in q for q in rset.query)  # never a query: it has nothing to paste
     assert rset.num_queries + len(skipped) == 4  # the 4 sources drawn
     assert all((built / "distractors" / f"{key}.png").is_file() for key in skipped)
+
+
+def test_voc_masks_decide_the_segments_of_a_build(tmp_path):
+    folder = image_folder(tmp_path / "images", 8)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    ids = np.zeros((32, 32), np.uint8)
+    ids[8:24, 8:24] = 15  # one object square; the rest background
+    for path in folder.iterdir():
+        Image.fromarray(ids, mode="L").save(masks / path.name)
+    built = build_partial_copies(
+        tmp_path / "data", "segmix", source=str(folder), image_size=32, copies=2, masks=str(masks)
+    )
+    assert "_masks" in built.name and json.loads((built / "meta.json").read_text())["masks"] == str(masks)
+    square = np.zeros((32, 32), bool)
+    square[8:24, 8:24] = True
+    for source in (built / "sources").iterdir():
+        query = np.asarray(Image.open(source / "0_query.png"))
+        for copy in sorted(source.glob("[1-9].png")):
+            pasted = np.asarray(Image.open(copy))
+            # plain segmix pastes one class in place: either the object square or the background around it
+            assert (pasted[square] == query[square]).all() or (pasted[~square] == query[~square]).all()
