@@ -203,27 +203,17 @@ def test_benchmark_configs_run_through_evaluate_and_rank(ddpm_checkpoint, tmp_pa
 
     folder = image_folder(tmp_path / "images", 10)
     common = [f"paths.data_dir={tmp_path / 'data'}", "bootstrap=20", "num_workers=0", "batch_size=16"]
-    sets = {
-        "copy_segmix": [f"benchmark.source={folder}", "benchmark.image_size=32"],
-        "copy_segmix_hard": [f"benchmark.source={folder}", "benchmark.image_size=32"],
-        "copy_segmix_resized": [f"benchmark.source={folder}", "benchmark.image_size=32"],
-        "copy_diagonal": [
-            f"benchmark.source={folder}",
-            f"benchmark.fill.checkpoint={ddpm_checkpoint}",
-            "benchmark.fill.steps=2",
-            "benchmark.fill.jump_length=1",
-            "benchmark.copies=2",
-            "benchmark.max_sources=3",
-        ],
-        "copy_patch": [
-            f"benchmark.source={folder}",
-            f"benchmark.fill.checkpoint={ddpm_checkpoint}",
-            "benchmark.fill.steps=2",
-            "benchmark.fill.jump_length=1",
-            "benchmark.copies=2",
-            "benchmark.max_sources=3",
-        ],
-    }
+    segmix = [f"benchmark.source={folder}", "benchmark.image_size=32"]
+    inpaint = [
+        f"benchmark.source={folder}",
+        f"benchmark.fill.checkpoint={ddpm_checkpoint}",
+        "benchmark.fill.steps=2",
+        "benchmark.fill.jump_length=1",
+        "benchmark.copies=2",
+        "benchmark.max_sources=3",
+    ]
+    sets = {f"copy_{kind}": segmix for kind in ("segmix", "segmix_hard", "segmix_resized")}
+    sets.update(copy_diagonal=inpaint, copy_patch=inpaint)
     extractors = {
         "pixels": ["extractor=pixels"],
         "split": [

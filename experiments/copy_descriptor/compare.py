@@ -19,8 +19,6 @@ copy descriptor. Written to OUT (default experiments/copy_descriptor):
 import argparse
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -32,6 +30,7 @@ import numpy as np  # noqa: E402
 from src.evaluate import copy_table_row  # noqa: E402
 from src.metrics import hit_matrix, search_topk  # noqa: E402
 from src.plots import save_figure  # noqa: E402
+from src.replication.study import run_once  # noqa: E402
 from src.utils.embeddings import load_embeddings  # noqa: E402
 
 WEIGHT_FREE = ("pixels", "pixels_channel", "pixels_gray", "color_hist")
@@ -39,21 +38,8 @@ THRESHOLDS = (0.9, 0.75)  # the precision / recall columns of the table (src.eva
 
 
 def run_evaluation(name: str, overrides: list[str], out: Path, extra: list[str]) -> dict:
-    run_dir = out / "runs" / name
-    if not (run_dir / "metrics.json").is_file():
-        command = [
-            sys.executable,
-            "-m",
-            "src.evaluate",
-            "benchmark=planted_copies",
-            *overrides,
-            f"name={name}",
-            f"hydra.run.dir={run_dir}",
-            *extra,
-        ]
-        print("+", " ".join(command), flush=True)
-        subprocess.run(command, check=True)
-    return json.loads((run_dir / "metrics.json").read_text())
+    command = ["benchmark=planted_copies", *overrides, f"name={name}", *extra]
+    return json.loads((run_once("evaluate", command, out / "runs" / name) / "metrics.json").read_text())
 
 
 def per_edit(run_dir: Path, threshold: float) -> dict[str, dict[str, float]]:

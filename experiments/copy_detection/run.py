@@ -22,8 +22,6 @@ Hydra multiruns aggregate the same way: `python experiments/copy_detection/run.p
 import argparse
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -35,6 +33,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from src.metrics import average_rank  # noqa: E402
 from src.plots import save_figure  # noqa: E402
+from src.replication.study import run_once  # noqa: E402
 
 SETS = ("copy_segmix", "copy_segmix_hard", "copy_segmix_resized", "copy_diagonal", "copy_patch")
 INPAINT_SETS = ("copy_diagonal", "copy_patch")
@@ -70,39 +69,16 @@ DESCRIPTORS = {
 def train(experiment: str, out: Path, overrides: list[str], best: bool = False) -> Path:
     """`python -m src.train experiment=<experiment>` into out (skipped when its last.ckpt exists); its last
     checkpoint, or with `best` its best validated one."""
-    ckpt = out / "checkpoints" / "last.ckpt"
-    if not ckpt.is_file():
-        command = [
-            sys.executable,
-            "-m",
-            "src.train",
-            f"experiment={experiment}",
-            f"hydra.run.dir={out}",
-            *overrides,
-        ]
-        print("+", " ".join(command), flush=True)
-        subprocess.run(command, check=True)
+    run_once("train", [f"experiment={experiment}", *overrides], out, done="checkpoints/last.ckpt")
     found = sorted((out / "checkpoints").glob("best_*.ckpt")) if best else []
-    return found[-1] if found else ckpt
+    return found[-1] if found else out / "checkpoints" / "last.ckpt"
 
 
 def evaluate_one(name: str, bench: str, overrides: list[str], out: Path, extra: list[str]) -> dict:
-    run_dir = out / "runs" / bench / name
-    if not (run_dir / "metrics.json").is_file():
-        command = [
-            sys.executable,
-            "-m",
-            "src.evaluate",
-            f"benchmark={bench}",
-            *overrides,
-            f"name={name}",
-            f"hydra.run.dir={run_dir}",
-            "save_embeddings=false",
-            *extra,
-        ]
-        print("+", " ".join(command), flush=True)
-        subprocess.run(command, check=True)
-    return json.loads((run_dir / "metrics.json").read_text())
+    command = [f"benchmark={bench}", *overrides, f"name={name}", "save_embeddings=false", *extra]
+    return json.loads(
+        (run_once("evaluate", command, out / "runs" / bench / name) / "metrics.json").read_text()
+    )
 
 
 def collect(folders: list[Path]) -> dict[str, dict[str, dict]]:

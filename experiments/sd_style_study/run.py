@@ -29,6 +29,7 @@ from pathlib import Path
 
 from src.data.images import list_images
 from src.data.style.prompts import TEMPLATES, style_prompts, user_prompts
+from src.replication.study import run_once
 
 KS = (1, 10, 100)
 
@@ -141,21 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
             )
         labels = [labels for _, labels in prompts]
         table = scoring_csv(generated, labels, database, out / "prompts" / f"{setting}_scoring.csv")
-        run_dir = out / "scores" / args.name / setting
-        if not (run_dir / "metrics.json").is_file():
-            run(
-                [
-                    sys.executable,
-                    "-m",
-                    "src.evaluate",
-                    "benchmark=csv",
-                    f"benchmark.csv_path={table}",
-                    *args.extractor,
-                    f"name={args.name}",
-                    f"hydra.run.dir={run_dir}",
-                    f"device={args.device}",
-                ]
-            )
+        command = ["benchmark=csv", f"benchmark.csv_path={table}", *args.extractor, f"name={args.name}"]
+        run_dir = run_once(
+            "evaluate", [*command, f"device={args.device}"], out / "scores" / args.name / setting
+        )
         rows[setting] = json.loads((run_dir / "metrics.json").read_text())
     lines = [
         "| Setting | " + " | ".join(f"mAP@{k}" for k in KS) + " | " + " | ".join(f"R@{k}" for k in KS) + " |",

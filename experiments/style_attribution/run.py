@@ -23,9 +23,8 @@ Each step is skipped when its output exists, so an interrupted run resumes.
 """
 
 import argparse
+import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -38,6 +37,7 @@ from PIL import Image  # noqa: E402
 from src.data.embedded.style_bench import build_style_bench  # noqa: E402
 from src.data.embedded.styles import STYLES  # noqa: E402
 from src.plots import save_figure  # noqa: E402
+from src.replication.study import bootstrap_difference, mean, run_once  # noqa: E402
 
 # What each training photograph shows, for the captions.
 SUBJECTS = {
@@ -69,8 +69,6 @@ def split_styles() -> tuple[list[str], list[str]]:
 
 def write_captions(bench: Path, learned: list[str], path: Path) -> int:
     """{image path relative to images/train: ["a <subject> in the style of <style>"]} for the learned styles."""
-    import csv
-
     captions = {}
     with (bench / "images.csv").open(newline="") as f:
         for row in csv.DictReader(f):
@@ -81,35 +79,22 @@ def write_captions(bench: Path, learned: list[str], path: Path) -> int:
     return len(captions)
 
 
-def run(command: list[str]) -> None:
-    print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
-
-
 def train_t2i(bench: Path, captions: Path, out: Path, steps: int) -> Path:
-    ckpt = out / "checkpoints" / "last.ckpt"
-    if not ckpt.is_file():
-        run(
-            [
-                sys.executable,
-                "-m",
-                "src.train",
-                "experiment=t2i_quickstart",
-                "data=captioned_folder",
-                f"data.root={bench / 'images' / 'train'}",
-                f"data.captions={captions}",
-                "data.allow_missing_captions=true",  # the unseen styles' images have no caption: left out
-                "data.image_size=32",
-                "data.batch_size=16",
-                "data.num_workers=2",
-                "data.pin_memory=false",
-                "callbacks.replication=null",
-                f"trainer.max_steps={steps}",
-                "run_name=t2i_styles",
-                f"hydra.run.dir={out}",
-            ]
-        )
-    return ckpt
+    overrides = [
+        "experiment=t2i_quickstart",
+        "data=captioned_folder",
+        f"data.root={bench / 'images' / 'train'}",
+        f"data.captions={captions}",
+        "data.allow_missing_captions=true",  # the unseen styles' images have no caption: left out
+        "data.image_size=32",
+        "data.batch_size=16",
+        "data.num_workers=2",
+        "data.pin_memory=false",
+        "callbacks.replication=null",
+        f"trainer.max_steps={steps}",
+        "run_name=t2i_styles",
+    ]
+    return run_once("train", overrides, out, done="checkpoints/last.ckpt") / "checkpoints" / "last.ckpt"
 
 
 def prompts_for(style: str, simple: int = SIMPLE_SEEDS, content: int = CONTENT_SEEDS) -> dict[str, list]:
@@ -144,21 +129,8 @@ def generate(ckpt: Path, out: Path, simple: int = SIMPLE_SEEDS, content: int = C
 
 
 def attribute(name: str, overrides: list[str], references: Path, generated: Path, out: Path) -> list[dict]:
-    import csv
-
-    run_dir = out / "attribution" / name
-    if not (run_dir / "gss.csv").is_file():
-        run(
-            [
-                sys.executable,
-                "-m",
-                "src.attribute",
-                f"references={references}",
-                f"generated={generated}",
-                *overrides,
-                f"hydra.run.dir={run_dir}",
-            ]
-        )
+    command = [f"references={references}", f"generated={generated}", *overrides]
+    run_dir = run_once("attribute", command, out / "attribution" / name, done="gss.csv")
     with (run_dir / "gss.csv").open(newline="") as f:
         return [
             {k: (v if k in ("column", "artist") else float(v)) for k, v in row.items()}
@@ -170,12 +142,7 @@ def summarise(rows: list[dict], learned: list[str], seed: int = 0) -> dict:
     simple = {r["artist"]: r for r in rows if r["column"] == "simple"}
     gss = np.array([simple[s]["gss_raw"] for s in STYLES])
     is_learned = np.array([s in learned for s in STYLES])
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(2000):
-        a = rng.choice(gss[is_learned], is_learned.sum())
-        b = rng.choice(gss[~is_learned], (~is_learned).sum())
-        diffs.append(a.mean() - b.mean())
+    low, high = bootstrap_difference(gss[is_learned], gss[~is_learned], mean, seed=seed)
     content = np.array(
         [np.mean([r["gss_raw"] for r in rows if r["artist"] == s and r["column"] in CONTENT]) for s in STYLES]
     )
@@ -183,8 +150,8 @@ def summarise(rows: list[dict], learned: list[str], seed: int = 0) -> dict:
         "gss_learned": float(gss[is_learned].mean()),
         "gss_unseen": float(gss[~is_learned].mean()),
         "difference": float(gss[is_learned].mean() - gss[~is_learned].mean()),
-        "difference_lo": float(np.percentile(diffs, 2.5)),
-        "difference_hi": float(np.percentile(diffs, 97.5)),
+        "difference_lo": low,
+        "difference_hi": high,
         "content_vs_simple_r": float(np.corrcoef(gss, content)[0, 1]),
         "attributed_learned": float(np.mean([simple[s]["attributed"] for s in learned])),
         "attributed_unseen": float(np.mean([simple[s]["attributed"] for s in STYLES if s not in learned])),
@@ -214,9 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
     learned, unseen = split_styles()
     csd = args.csd
     if csd is None:
-        csd_dir = out / "train" / "csd"
-        if not (csd_dir / "checkpoints" / "last.ckpt").is_file():
-            run([sys.executable, "-m", "src.train", "experiment=csd_quickstart", f"hydra.run.dir={csd_dir}"])
+        csd_dir = run_once(
+            "train", ["experiment=csd_quickstart"], out / "train" / "csd", done="checkpoints/last.ckpt"
+        )
         csd = str(csd_dir / "checkpoints" / "last.ckpt")
     t2i = args.t2i
     if t2i is None:

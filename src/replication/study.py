@@ -1,10 +1,12 @@
-"""Pieces shared by the study aggregates of experiments/ (DDPM memorization, caption mitigations): finding the runs
-of a multirun, reading their reports, tables and bootstrap confidence intervals (figures: `src.plots`)."""
+"""Pieces shared by the study scripts of experiments/: running an entry point once, finding the runs of a multirun,
+reading their reports, tables and bootstrap confidence intervals (figures: `src.plots`)."""
 
 import argparse
 import csv
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,17 @@ def find_runs(
             )
         runs.update({run.resolve(): None for run in found})
     return list(runs)
+
+
+def run_once(entry: str, overrides: list[str], run_dir: Path, done: str = "metrics.json") -> Path:
+    """`python -m src.<entry> <overrides> hydra.run.dir=<run_dir>`, unless `run_dir/<done>` exists: a finished run is
+    read again rather than re-run, so a study script resumes where it stopped. Returns run_dir."""
+    run_dir = Path(run_dir)
+    if not (run_dir / done).is_file():
+        command = [sys.executable, "-m", f"src.{entry}", *overrides, f"hydra.run.dir={run_dir}"]
+        print("+", " ".join(command), flush=True)
+        subprocess.run(command, check=True)
+    return run_dir
 
 
 def read_json(path: Path) -> dict:
