@@ -61,7 +61,7 @@ def embed_folder(
         features, rows, skipped = embed_images(extractor, folder, relative, *args, desc=desc)
     except RuntimeError:
         return None
-    return features, [paths[i] for i in rows.tolist()], skipped
+    return features, [paths[i].resolve() for i in rows.tolist()], skipped
 
 
 def attribute_styles(cfg: DictConfig) -> dict:

@@ -235,6 +235,22 @@ def test_benchmark_configs_run_through_evaluate_and_rank(ddpm_checkpoint, tmp_pa
             metrics = evaluate(cfg)
             assert 0 <= metrics["mAP"] <= 1 and metrics["mAP_lo"] <= metrics["mAP"] <= metrics["mAP_hi"]
             assert metrics["num_queries"] == (3 if bench in ("copy_diagonal", "copy_patch") else 5)
+    built = next((tmp_path / "data").glob("segmix_s0_*"))
+    again = evaluate(
+        compose_config(
+            "evaluate.yaml",
+            [
+                "benchmark=copy_folders",
+                f"benchmark.folder={built}",
+                "extractor=pixels",
+                *common,
+                "name=folders",
+            ],
+            tmp_path / "folders",
+        )
+    )
+    first = json.loads((runs / "copy_segmix" / "pixels" / "metrics.json").read_text())
+    assert again["mAP"] == pytest.approx(first["mAP"])  # the same set read from its folder layout
     saved = np.load(runs / "copy_segmix" / "split" / "embeddings.npz")
     assert int(saved["split_chunks"]) == 4  # resnet18 at 64 px: a 2 x 2 map
     rescored = evaluate(
@@ -244,8 +260,8 @@ def test_benchmark_configs_run_through_evaluate_and_rank(ddpm_checkpoint, tmp_pa
             tmp_path / "again",
         )
     )
-    first = json.loads((runs / "copy_segmix" / "split" / "metrics.json").read_text())
-    assert rescored["mAP"] == pytest.approx(first["mAP"])  # split-product scoring survives the saved file
+    split = json.loads((runs / "copy_segmix" / "split" / "metrics.json").read_text())
+    assert rescored["mAP"] == pytest.approx(split["mAP"])  # split-product scoring survives the saved file
     study = load_script(ROOT / "experiments" / "copy_detection" / "run.py", "copy_detection_run")
     ranks = study.main(["--aggregate", str(runs), "--out", str(tmp_path / "out")])
     assert set(ranks) == {"pixels", "split"} and sum(ranks.values()) == pytest.approx(3.0)

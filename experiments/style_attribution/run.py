@@ -1,7 +1,7 @@
 """Which styles did a small text-to-image model learn? GSS against prototypes, end to end on a CPU
 (docs/style.md#style-attribution):
 
-    python experiments/style_attribution/run.py                      # about 35 min on 2 cores
+    python experiments/style_attribution/run.py                      # about 40 min on 2 cores
     python experiments/style_attribution/run.py --csd <csd last.ckpt> --t2i <t2i last.ckpt>
 
 1. The embedded style benchmark (16 procedural styles over photographs): half of the styles are "learned", the
@@ -79,14 +79,14 @@ def write_captions(bench: Path, learned: list[str], path: Path) -> int:
     return len(captions)
 
 
-def train_t2i(bench: Path, captions: Path, out: Path, steps: int) -> Path:
+def train_t2i(bench: Path, captions: Path, out: Path, steps: int, size: int) -> Path:
     overrides = [
         "experiment=t2i_quickstart",
         "data=captioned_folder",
         f"data.root={bench / 'images' / 'train'}",
         f"data.captions={captions}",
         "data.allow_missing_captions=true",  # the unseen styles' images have no caption: left out
-        "data.image_size=32",
+        f"data.image_size={size}",
         "data.batch_size=16",
         "data.num_workers=2",
         "data.pin_memory=false",
@@ -103,6 +103,21 @@ def prompts_for(style: str, simple: int = SIMPLE_SEEDS, content: int = CONTENT_S
     for subject in CONTENT:
         settings[subject] = [(100 + s, f"a {subject} in the style of {style}") for s in range(content)]
     return settings
+
+
+def write_real_column(bench: Path, generated: Path, size: int, per_style: int = 10) -> None:
+    """generated/real/<style>/: real training images of every style at the generation size, the control column:
+    what the descriptor reads of a style at that size when the images are the style itself."""
+    import csv
+
+    with (bench / "images.csv").open(newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row["split"] == "train"]
+    for style in STYLES:
+        folder = generated / "real" / style
+        folder.mkdir(parents=True, exist_ok=True)
+        for row in [r for r in rows if r["style"] == style][:per_style]:
+            image = Image.open(bench / row["path"]).convert("RGB")
+            image.resize((size, size), Image.Resampling.BICUBIC).save(folder / Path(row["path"]).name)
 
 
 def generate(ckpt: Path, out: Path, simple: int = SIMPLE_SEEDS, content: int = CONTENT_SEEDS) -> None:
@@ -146,7 +161,11 @@ def summarise(rows: list[dict], learned: list[str], seed: int = 0) -> dict:
     content = np.array(
         [np.mean([r["gss_raw"] for r in rows if r["artist"] == s and r["column"] in CONTENT]) for s in STYLES]
     )
+    real = {r["artist"]: r for r in rows if r["column"] == "real"}
+    real_gss = np.array([real[s]["gss_raw"] for s in STYLES]) if real else None
     return {
+        "attributed_real": float(np.mean([real[s]["attributed"] for s in STYLES])) if real else float("nan"),
+        "generated_vs_real_r": float(np.corrcoef(gss, real_gss)[0, 1]) if real else float("nan"),
         "gss_learned": float(gss[is_learned].mean()),
         "gss_unseen": float(gss[~is_learned].mean()),
         "difference": float(gss[is_learned].mean() - gss[~is_learned].mean()),
@@ -164,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--csd", help="a trained CSD checkpoint (default: train experiment=csd_quickstart)")
     parser.add_argument("--t2i", help="a trained text-to-image checkpoint on the learned styles")
     parser.add_argument("--steps", type=int, default=1500, help="training steps of the text-to-image model")
+    parser.add_argument("--image-size", type=int, default=32, help="the text-to-image model's image size")
     parser.add_argument("--simple-seeds", type=int, default=SIMPLE_SEEDS)
     parser.add_argument("--content-seeds", type=int, default=CONTENT_SEEDS)
     parser.add_argument(
@@ -192,9 +212,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"{write_captions(bench, learned, captions)} captioned training images of {len(learned)} styles"
         )
-        t2i = str(train_t2i(bench, captions, out / "train" / "t2i", args.steps))
+        t2i = str(train_t2i(bench, captions, out / "train" / "t2i", args.steps, args.image_size))
     generated = out / "generated"
     generate(Path(t2i), generated, args.simple_seeds, args.content_seeds)
+    write_real_column(bench, generated, args.image_size)
     every = dict(DESCRIPTORS, csd_quickstart=["extractor=csd", f"extractor.checkpoint={csd}"])
     unknown = set(args.descriptors.split(",")) - set(every)
     if unknown:
@@ -206,15 +227,17 @@ def main(argv: list[str] | None = None) -> dict:
         summary[name] = summarise(attribute(name, overrides, references, generated, out), learned)
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     lines = [
-        "| descriptor | GSS learned | GSS unseen | difference [95% CI] | content vs simple r | attributed learned | attributed unseen |",
-        "|---|---|---|---|---|---|---|",
+        "| descriptor | GSS learned | GSS unseen | difference [95% CI] | content vs simple r | attributed learned | "
+        "attributed unseen | real images attributed | generated vs real r |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in descriptors:
         s = summary[name]
         lines.append(
             f"| {name} | {s['gss_learned']:.3f} | {s['gss_unseen']:.3f} | {s['difference']:+.3f} "
             f"[{s['difference_lo']:+.3f}, {s['difference_hi']:+.3f}] | {s['content_vs_simple_r']:.2f} | "
-            f"{100 * s['attributed_learned']:.0f}% | {100 * s['attributed_unseen']:.0f}% |"
+            f"{100 * s['attributed_learned']:.0f}% | {100 * s['attributed_unseen']:.0f}% | "
+            f"{100 * s['attributed_real']:.0f}% | {s['generated_vs_real_r']:.2f} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
