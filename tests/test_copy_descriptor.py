@@ -259,9 +259,7 @@ def test_compare_tabulates_finished_evaluations_per_descriptor_and_edit(tmp_path
             task="copy_detection",
         )
     monkeypatch.setattr("sys.argv", ["compare.py", "--out", str(tmp_path)])
-    monkeypatch.setattr(
-        compare.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was run again")
-    )
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("a finished run was run again"))
     compare.main()
     table = (tmp_path / "descriptors.md").read_text()
     assert all(f"| {name} |" in table for name in names) and "[" in table

@@ -183,6 +183,12 @@ def test_repaint_keeps_the_known_region_and_depends_on_its_seed_alone(ddpm_check
         assert (np.asarray(image)[keep] == np.asarray(source)[keep]).all()
     alone = fill(sources[1:], keeps[1:], [6])[0]
     assert (np.asarray(alone) == np.asarray(filled[1])).all()
+    from src.generation import load_module
+
+    built = RePaintFill(module=load_module(ddpm_checkpoint, "cpu"), steps=4, jump_length=2, jump_n_sample=2)
+    assert torch.equal(
+        built.raw(images, known, [5, 6]), raw
+    )  # the checkpoint read at the nn level = the module
     with pytest.raises(ValueError, match="build the set with image_size=32"):
         fill([photo(3, 16)], [np.ones((16, 16), bool)], [0])
 

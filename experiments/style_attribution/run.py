@@ -199,8 +199,12 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     bench = build_style_bench(args.data_dir, image_size=args.bench[0], images_per_style=args.bench[1])
     learned, unseen = split_styles()
+    chosen = args.descriptors.split(",")
+    unknown = set(chosen) - set(DESCRIPTORS)
+    if unknown:
+        parser.error(f"--descriptors: unknown {sorted(unknown)}; choose from {', '.join(DESCRIPTORS)}")
     csd = args.csd
-    if csd is None:
+    if csd is None and "csd_quickstart" in chosen:
         csd_dir = run_once(
             "train", ["experiment=csd_quickstart"], out / "train" / "csd", done="checkpoints/last.ckpt"
         )
@@ -217,10 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     generate(Path(t2i), generated, args.simple_seeds, args.content_seeds)
     write_real_column(bench, generated, args.image_size)
     every = dict(DESCRIPTORS, csd_quickstart=["extractor=csd", f"extractor.checkpoint={csd}"])
-    unknown = set(args.descriptors.split(",")) - set(every)
-    if unknown:
-        parser.error(f"--descriptors: unknown {sorted(unknown)}; choose from {', '.join(every)}")
-    descriptors = {name: every[name] for name in args.descriptors.split(",")}
+    descriptors = {name: every[name] for name in chosen}
     references = bench / "images" / "database"
     summary = {"learned": learned, "unseen": unseen}
     for name, overrides in descriptors.items():

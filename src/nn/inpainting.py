@@ -63,28 +63,17 @@ class RePaintFill:
     ):
         from diffusers import RePaintScheduler
 
-        from src.generation import load_module
-        from src.models.diffusion import sampling_network
-
-        if module is None:
-            if checkpoint is None or not Path(checkpoint).is_file():
-                raise FileNotFoundError(
-                    f"RePaint fill: no DDPM checkpoint at {checkpoint}; train one with `python -m src.train "
-                    "experiment=ddpm_quickstart` and give <run>/checkpoints/last.ckpt."
-                )
-            module = load_module(checkpoint, device)
-        if type(module).__name__ != "DDPMModule":
-            raise ValueError(
-                f"RePaint fill: {checkpoint or 'the module'} is a {type(module).__name__}; RePaint needs an unconditional DDPM "
-                "(experiment=ddpm_quickstart or ddpm_celebahq)."
-            )
-        if module.noise_scheduler.config.prediction_type != "epsilon":
+        if module is not None:
+            unet, noise_config, image_size = _from_module(module)
+        else:
+            unet, noise_config, image_size = load_ddpm_unet(checkpoint)
+        if noise_config.prediction_type != "epsilon":
             raise ValueError(
                 "RePaint fill: diffusers' RePaintScheduler needs a DDPM that predicts the noise (epsilon)."
             )
-        self.unet = sampling_network(module).eval()
-        self.scheduler = RePaintScheduler.from_config(module.noise_scheduler.config)
-        self.image_size = int(module.hparams.image_size)
+        self.unet = unet.to(device).eval()
+        self.scheduler = RePaintScheduler.from_config(noise_config)
+        self.image_size = image_size
         self.steps, self.jump_length, self.jump_n_sample, self.eta = steps, jump_length, jump_n_sample, eta
         self.batch_size, self.device = batch_size, torch.device(device)
 
@@ -192,6 +181,43 @@ class DiffusersFill:
                 ).images
             )
         return _keep_known(sources, keeps, out)
+
+
+def _from_module(module):
+    """(UNet, noise scheduler config, image size) of a built `DDPMModule` (its EMA copy when it has one)."""
+    if type(module).__name__ != "DDPMModule":
+        raise ValueError(
+            f"RePaint fill: the module is a {type(module).__name__}; RePaint needs an unconditional DDPM "
+            "(experiment=ddpm_quickstart or ddpm_celebahq)."
+        )
+    unet = module.ema.module if getattr(module, "ema", None) is not None else module.unet
+    return unet, module.noise_scheduler.config, int(module.hparams.image_size)
+
+
+def load_ddpm_unet(checkpoint) -> tuple:
+    """(UNet2DModel with the EMA weights when saved, else the trained ones; its noise scheduler config; image size)
+    from a `DDPMModule` checkpoint of this project, read with weights_only=True."""
+    from diffusers import UNet2DModel
+
+    from src.nn.diffusion import build_noise_scheduler
+    from src.utils.checkpoints import TRAIN_DIFFUSION, expect_module, load_checkpoint
+
+    if checkpoint is None or not Path(checkpoint).is_file():
+        raise FileNotFoundError(
+            f"RePaint fill: no DDPM checkpoint at {checkpoint}; train one with `python -m src.train "
+            "experiment=ddpm_quickstart` and give <run>/checkpoints/last.ckpt."
+        )
+    ckpt = load_checkpoint(checkpoint, "DDPM checkpoint", make=TRAIN_DIFFUSION)
+    expect_module(ckpt, checkpoint, ("DDPMModule",), make=TRAIN_DIFFUSION)
+    hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
+    channels = hp.get("channels", 3)
+    unet = UNet2DModel(
+        sample_size=hp["image_size"], in_channels=channels, out_channels=channels, **hp["unet"]
+    )
+    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "unet."
+    unet.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    noise = build_noise_scheduler(**(hp.get("noise") or {}))
+    return unet, noise.config, int(hp["image_size"])
 
 
 def build_fill(kind: str, **kwargs):
