@@ -43,6 +43,7 @@ bench: install  ## throughput / time / memory benchmarks against in-run baseline
 	$(PY) -m benchmarks.extraction_pipeline
 	$(PY) -m benchmarks.membership_throughput
 	$(PY) -m benchmarks.detection_cost
+	$(PY) -m benchmarks.partial_copies
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks experiments

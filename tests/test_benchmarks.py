@@ -408,3 +408,15 @@ def test_ddpm_sampling_call_returns_the_seeded_images(one_thread):
     assert result["images"].shape == (2, 16, 16, 3) and result["images"].dtype == torch.uint8
     assert torch.equal(result["images"], module.generate([0, 1], sampler="ddim", steps=2))
     assert result["seconds"] > 0 and result["peak"] > 0
+
+
+def test_partial_copy_benchmark_runs_tiny(capsys, one_thread):
+    from benchmarks import partial_copies
+
+    result = partial_copies.main(
+        ["--sources", "2", "--repaint-steps", "2", "--batch-size", "2", "--repeats", "1"]
+        + ["--queries", "8", "--database", "64", "--dim", "8"]
+    )
+    assert [row["name"] for row in result["build"]] == [f"build {kind}" for kind in partial_copies.KINDS]
+    assert result["repaint"][1]["ratio"] == 1.0 and result["scoring"][0]["ratio"] == 1.0
+    assert "s / 100 sources" in capsys.readouterr().out
