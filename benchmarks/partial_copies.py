@@ -36,6 +36,7 @@ def parse_args(argv=None):
     parser = argument_parser(__doc__)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--sources", type=int, default=20, help="sources per set built (reported per 100)")
+    parser.add_argument("--source", default="embedded", help="the content: embedded, or an image folder")
     parser.add_argument("--repaint-steps", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=16, help="images per RePaint / sampling call")
     parser.add_argument("--repeats", type=int, default=3)
@@ -61,7 +62,12 @@ def build_times(args, module) -> list[dict]:
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
                 build_partial_copies(
-                    Path(tmp), kind, image_size=args.image_size, fill=fill, max_sources=args.sources
+                    Path(tmp),
+                    kind,
+                    args.source,
+                    image_size=args.image_size,
+                    fill=fill,
+                    max_sources=args.sources,
                 )
                 seconds = time.perf_counter() - start
             rows.append(

@@ -5,9 +5,11 @@ rows."""
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hydra.errors import MissingConfigException
+from PIL import Image
 
 from benchmarks import (
     ddpm_sampling,
@@ -410,11 +412,26 @@ def test_ddpm_sampling_call_returns_the_seeded_images(one_thread):
     assert result["seconds"] > 0 and result["peak"] > 0
 
 
-def test_partial_copy_benchmark_runs_tiny(capsys, one_thread):
+def test_partial_copy_benchmark_runs_tiny(capsys, one_thread, tmp_path):
     from benchmarks import partial_copies
 
+    for i in range(8):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(
+            (32, 32)
+        ).save(tmp_path / f"{i}.png")
     result = partial_copies.main(
-        ["--sources", "2", "--repaint-steps", "2", "--batch-size", "2", "--repeats", "1"]
+        [
+            "--sources",
+            "2",
+            "--source",
+            str(tmp_path),
+            "--repaint-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--repeats",
+            "1",
+        ]
         + ["--queries", "8", "--database", "64", "--dim", "8"]
     )
     assert [row["name"] for row in result["build"]] == [f"build {kind}" for kind in partial_copies.KINDS]
