@@ -108,8 +108,6 @@ def prompts_for(style: str, simple: int = SIMPLE_SEEDS, content: int = CONTENT_S
 def write_real_column(bench: Path, generated: Path, size: int, per_style: int = 10) -> None:
     """generated/real/<style>/: real training images of every style at the generation size, the control column:
     what the descriptor reads of a style at that size when the images are the style itself."""
-    import csv
-
     with (bench / "images.csv").open(newline="") as f:
         rows = [row for row in csv.DictReader(f) if row["split"] == "train"]
     for style in STYLES:

@@ -199,9 +199,9 @@ def _fingerprint(paths: list[Path]) -> str:
 
 def _content(source: str, image_size: int) -> tuple[list[tuple[str, Image.Image]], str]:
     if source == "embedded":
-        from src.data.planted_copies import _content as planted_content
+        from src.data.planted_copies import held_out_content
 
-        return planted_content(image_size), "embedded"
+        return held_out_content(image_size), "embedded"
     folder = Path(source)
     paths = list_images(folder)
     content = []

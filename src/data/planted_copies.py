@@ -112,7 +112,8 @@ def edit_copy(
     raise ValueError(f"unknown edit {edit!r}; expected one of {EDITS}")
 
 
-def _content(size: int) -> list[tuple[str, Image.Image]]:
+def held_out_content(size: int) -> list[tuple[str, Image.Image]]:
+    """(id, image) of the content the copy descriptor never trains on: the held-out photo cells and the faces."""
     from src.data.embedded.faces import face_images
     from src.data.embedded.style_bench import assign_photos
 
@@ -130,7 +131,7 @@ def build_planted_copies(root, seed: int = 0, image_size: int = 64, force: bool 
 
     def write(tmp: Path) -> dict:
         rng = np.random.default_rng([seed, 17])
-        content = _content(image_size)
+        content = held_out_content(image_size)
         order = rng.permutation(len(content))
         n = len(content)
         cut = np.cumsum([round(SOURCE_SHARE * n), round(DISTRACTOR_SHARE * n), round(NEGATIVE_SHARE * n)])

@@ -20,6 +20,7 @@ predictions of all queries are ranked by confidence together, so one threshold s
 
 import numpy as np
 import torch
+from scipy.stats import rankdata
 
 from src.metrics.retrieval import count_relevant, hit_matrix, metrics_from_hits, retrieval_topk
 from src.metrics.search import as_features
@@ -257,8 +258,6 @@ def average_rank(table: dict[str, dict[str, float]], higher_is_better: bool = Tr
             raise ValueError(
                 f"average_rank: {method!r} lacks or adds settings {missing}; rank like with like."
             )
-    from scipy.stats import rankdata
-
     ranks = np.zeros(len(methods))
     for setting in settings:
         values = np.array([table[m][setting] for m in methods], dtype=np.float64)
