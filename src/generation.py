@@ -11,6 +11,7 @@ holds images but no manifest is refused too (they would be taken for generations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -124,6 +125,8 @@ def generate_to_folder(
     inference_mitigation: dict | None = None,
     adopt: bool = False,
     weights_sha256: str | None = None,
+    part: int = 0,
+    parts: int = 1,
 ) -> Path:
     """Write `num_images` generations of `module` (any module with `generate(seeds, sampler, steps, use_ema)`, and
     `prompts=` for text-conditional ones) into `folder` as 000000.png ..., skipping those already there, and write
@@ -134,6 +137,10 @@ def generate_to_folder(
     (`file_digest`, remembered with its size and mtime); without one, the module's state digest does, unless the
     caller passes it as `weights_sha256` (computed once for many folders of one module). Returns the folder.
 
+    part, parts: this call generates only the images of index range `part_range(num_images, part, parts)`, so
+    `parts` processes (GPUs, SLURM array tasks) fill one folder together; as image i depends on seed + i alone,
+    the folder is the same as one process's. Each part writes its own timing_part<p>of<P>.json.
+
     Raises ValueError when the folder holds a manifest with other weights or settings (seed, sampler, steps, EMA,
     prompts, mitigation), or images without a manifest unless `adopt` (then images of another size are refused),
     or when num_images, batch_size or steps is below 1.
@@ -142,6 +149,7 @@ def generate_to_folder(
     check_number("batch_size", batch_size, low=1, integer=True)
     check_number("steps", steps, low=1, integer=True, allow_none=True)
     check_number("seed", seed, low=0, integer=True)
+    first, end = part_range(num_images, part, parts)
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"output folder '{folder}' is a file; give a folder for the generations")
@@ -180,24 +188,24 @@ def generate_to_folder(
         manifest["adopted"] = adopted
     elif (folder / "manifest.json").is_file():
         manifest["adopted"] = json.loads((folder / "manifest.json").read_text()).get("adopted", [])
-    todo = [i for i in range(num_images) if not (folder / image_name(i)).is_file()]
+    todo = [i for i in range(first, end) if not (folder / image_name(i)).is_file()]
     manifest["num_images"] = num_images
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    # Every part writes the same manifest and prompts: written then renamed, so a reader never sees half a file.
+    write_json_atomically(folder / "manifest.json", manifest, indent=2)
     if used is not None:
-        (folder / "prompts.json").write_text(
-            json.dumps({image_name(i): p for i, p in enumerate(used)}, indent=1)
+        write_json_atomically(
+            folder / "prompts.json", {image_name(i): p for i, p in enumerate(used)}, indent=1
         )
-    if len(todo) < num_images:
+    own = end - first
+    if len(todo) < own:
         log.info(
             "%s: %d of %d images already there; generating the other %d",
             folder,
-            num_images - len(todo),
-            num_images,
+            own - len(todo),
+            own,
             len(todo),
         )
-    bar = tqdm(
-        total=num_images, initial=num_images - len(todo), desc="sampling", unit="img", disable=not progress
-    )
+    bar = tqdm(total=own, initial=own - len(todo), desc="sampling", unit="img", disable=not progress)
     report: list[dict] = []
     started = time.perf_counter()
     for start in range(0, len(todo), batch_size):
@@ -215,27 +223,44 @@ def generate_to_folder(
             save_image(image, folder / image_name(i))
         bar.update(len(indices))
         if report:
-            write_mitigation_report(folder, report)
+            write_mitigation_report(folder, report, _part_suffix(part, parts))
     bar.close()
     if todo:
-        write_timing(folder, len(todo), time.perf_counter() - started)
+        write_timing(folder, len(todo), time.perf_counter() - started, _part_suffix(part, parts))
     return folder
 
 
-def write_timing(folder: Path, images: int, seconds: float) -> None:
-    """`timing.json`: the wall seconds spent generating the folder's images, summed over the calls that
+def part_range(num_images: int, part: int, parts: int) -> tuple[int, int]:
+    """[first, end) image indices of `part` of `parts` near-equal consecutive ranges of range(num_images)."""
+    if parts < 1 or not 0 <= part < parts:
+        raise ValueError(f"part must be in [0, parts) with parts >= 1, got part={part}, parts={parts}")
+    return part * num_images // parts, (part + 1) * num_images // parts
+
+
+def _part_suffix(part: int, parts: int) -> str:
+    return "" if parts == 1 else f"_part{part}of{parts}"
+
+
+def write_json_atomically(path: Path, content, indent: int | None = None) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(content, indent=indent))
+    tmp.replace(path)
+
+
+def write_timing(folder: Path, images: int, seconds: float, suffix: str = "") -> None:
+    """`timing<suffix>.json`: the wall seconds spent generating the folder's images, summed over the calls that
     generated some (an interrupted folder's earlier calls included), and the seconds per image."""
-    path = folder / "timing.json"
+    path = folder / f"timing{suffix}.json"
     earlier = json.loads(path.read_text()) if path.is_file() else {}
     images += int(earlier.get("images", 0))
     seconds += float(earlier.get("seconds", 0.0))
     path.write_text(json.dumps({"images": images, "seconds": seconds, "seconds_per_image": seconds / images}))
 
 
-def write_mitigation_report(folder: Path, report: list[dict]) -> None:
-    """`mitigation_report.json`: what the prompt-embedding mitigation reached per prompt and batch of seeds,
-    merged with what an earlier (interrupted) run of the folder wrote."""
-    path = folder / "mitigation_report.json"
+def write_mitigation_report(folder: Path, report: list[dict], suffix: str = "") -> None:
+    """`mitigation_report<suffix>.json`: what the prompt-embedding mitigation reached per prompt and batch of
+    seeds, merged with what an earlier (interrupted) run of the folder wrote."""
+    path = folder / f"mitigation_report{suffix}.json"
     earlier = json.loads(path.read_text()) if path.is_file() else []
     seen = {tuple(entry["seeds"]) for entry in report}
     merged = [entry for entry in earlier if tuple(entry["seeds"]) not in seen] + report

@@ -1,4 +1,5 @@
-"""Replication report of generations against a training set: `python -m src.replicate generated=DIR train=DIR`.
+"""Replication report of generations against a training set: `python -m src.replicate generated=DIR train=DIR`
+(or `train_store=STORE`, a feature store of the training set extracted beforehand, `python -m src.extract`).
 
 The DCR measurement (somepago/DCR `diff_retrieval.py`, docs/replication.md#dcr-measurement) with any extractor
 of conf/extractor/, done by `src.replication.analysis.analyse_replication`: this entry instantiates the
@@ -31,6 +32,11 @@ def replicate(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     claim_run_dir(output_dir)
     print_config_tree(cfg, save_to=output_dir / "config_resolved.yaml")
+    if cfg.train is None and cfg.train_store is None:
+        raise ValueError(
+            "give train=<image folder>, or train_store=<feature store folder> (python -m src.extract) for a "
+            "training set extracted beforehand"
+        )
     device = resolve_device(cfg.device)
     extractor = instantiate(cfg.extractor).to(device).eval()
     stats = analyse_replication(
@@ -52,6 +58,8 @@ def replicate(cfg: DictConfig) -> dict[str, float]:
         complexity=cfg.complexity,
         fid=_switched_on(cfg.fid),
         clip_score=_switched_on(cfg.clip_score),
+        train_store=cfg.train_store,
+        background_anchors=cfg.background_anchors,
     )
     save_metrics(stats, output_dir / "metrics.json")
     log_report_to_wandb(output_dir, stats)

@@ -2,7 +2,8 @@
 or from a diffusers Stable Diffusion directory: `python -m src.sample pretrained=<dir> prompts=<file> output_folder=<dir>`.
 
 Running the same command again resumes: the images already in the output folder are kept and only the missing ones
-are generated (src/generation.py). Text-conditional models take `prompts=training` or a prompt file, and an
+are generated (src/generation.py). `part=p parts=P` (or torchrun's RANK / WORLD_SIZE) generates the p-th of P
+index ranges, so P GPUs or SLURM array tasks fill one folder: `-m part='range(8)' parts=8 hydra/launcher=...`. Text-conditional models take `prompts=training` or a prompt file, and an
 inference-time mitigation (`inference_mitigation=rna`).
 """
 
@@ -13,10 +14,16 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import src.utils  # noqa: F401  (registers the config resolvers)
-from src.generation import default_folder, generate_to_folder, load_module, read_prompts
+from src.generation import default_folder, generate_to_folder, load_module, part_range, read_prompts
 from src.nn.diffusion import SAMPLERS, check_choice
 from src.utils.checks import check_number
-from src.utils.run import claim_run_dir, print_config_tree, require_checkpoint, resolve_device
+from src.utils.run import (
+    claim_run_dir,
+    distributed_part,
+    print_config_tree,
+    require_checkpoint,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +49,11 @@ def sample(cfg: DictConfig) -> Path:
     check_number("batch_size", cfg.batch_size, low=1, integer=True)
     check_number("steps", cfg.steps, low=1, integer=True, allow_none=True)
     check_number("seed", cfg.seed, low=0, integer=True)
-    claim_run_dir(cfg.paths.output_dir)
+    part, parts = distributed_part()  # torchrun: RANK / WORLD_SIZE
+    part = part if cfg.part is None else cfg.part
+    parts = parts if cfg.parts is None else cfg.parts
+    if parts == 1 or part == 0:
+        claim_run_dir(cfg.paths.output_dir)
     print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_resolved.yaml")
     if cfg.get("pretrained"):
         module, ckpt_path = pretrained_module(cfg), str(cfg.pretrained)
@@ -75,8 +86,11 @@ def sample(cfg: DictConfig) -> Path:
         prompts=prompts,
         inference_mitigation=mitigation,
         adopt=cfg.adopt,
+        part=part,
+        parts=parts,
     )
-    log.info(f"{cfg.num_images} images in {folder}")
+    first, end = part_range(cfg.num_images, part, parts)
+    log.info(f"images {first}..{end - 1} of {cfg.num_images} (part {part} of {parts}) in {folder}")
     return folder
 
 

@@ -8,7 +8,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Highest first: entry points, then the harness, then the library, then run plumbing.
 LEVELS = [
-    {"train", "evaluate", "sample", "replicate", "attack", "detect", "attribute"},
+    {"train", "evaluate", "sample", "replicate", "attack", "detect", "attribute", "extract"},
     {"callbacks", "models", "replication", "generation", "attacks", "detection"},
     {"metrics", "nn", "losses", "data", "mitigations", "plots"},
     {"utils"},

@@ -33,6 +33,7 @@ from src.replication.analysis import analyse_replication
 from src.replication.clip_score import clip_score_of_files, embed_images_and_prompts, load_clip
 from src.replication.features import cache_key, cached_folder_features, extract_folder
 from src.replication.fid import build_fid_inception, fid_between_folders, fid_transform
+from src.replication.store import extract_store as cache_store
 from src.utils.checkpoints import state_digest
 
 TRAIN = [f"t{i:02d}.png" for i in range(10)]
@@ -79,7 +80,7 @@ def test_listed_files_restrict_the_folder_and_never_share_the_cache(folders, tmp
     full = cached_folder_features(extractor, root / "train", cache)
     subset = [train[7], train[2], train[4]]
     part = cached_folder_features(extractor, root / "train", cache, files=subset)
-    assert (full.cache, part.cache) == ("miss", "miss") and len(list(cache.glob("*.pt"))) == 2
+    assert (full.cache, part.cache) == ("miss", "miss") and len(list(cache.glob("*/manifest.json"))) == 2
     assert part.paths == subset  # the listed order
     rows = [full.paths.index(p) for p in subset]
     torch.testing.assert_close(part.features, full.features[rows])
@@ -148,11 +149,14 @@ def test_analysis_rejects_bad_input_with_the_values(folders, tmp_path):
     files = train[:4]
     key = cache_key(root / "train", extractor.name, None, files, weights=state_digest(extractor))
     cache = tmp_path / "cache"
-    cache.mkdir()
-    torch.save(
-        {"key": key, "paths": files, "features": torch.eye(4, 7), "skipped": []},
-        cache / f"{extractor.name}_{key[:24]}.pt",
+    store = cache_store(
+        extractor, root / "train", cache / f"{extractor.name}_{key[:24]}", files=files, dtype="float32"
     )
+    shard = store.root / "shards" / "00000.npy"
+    np.save(shard, np.eye(4, 7, dtype=np.float32))
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    manifest["dim"], manifest["shards"][0]["bytes"] = 7, shard.stat().st_size
+    (store.root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"\(6, 192\).*\(4, 7\)"):
         analyse_replication(
             extractor, root / "generated", root / "train", tmp_path / "a", train_files=files, cache_dir=cache

@@ -66,3 +66,21 @@ def test_sample_entry_point_loads_a_checkpoint(tmp_path):
     assert len(list(folder.glob("*.png"))) == 3
     expected = module.generate([1], sampler="ddpm", steps=2)[0]
     assert torch.equal(expected, torch.from_numpy(np.asarray(Image.open(folder / "000001.png"))))
+
+
+def test_parts_fill_one_folder_with_the_images_of_a_single_process(tmp_path):
+    module = tiny_module()
+    whole = generate_to_folder(module, tmp_path / "whole", 5, seed=3, steps=2, batch_size=2, progress=False)
+    for part in (1, 0, 2):  # any order, as array tasks finish
+        generate_to_folder(
+            module, tmp_path / "parts", 5, seed=3, steps=2, batch_size=4, progress=False, part=part, parts=3
+        )
+        done = sorted(p.name for p in (tmp_path / "parts").glob("*.png"))
+        assert len(done) == {1: 2, 0: 3, 2: 5}[part]  # ranges [0, 1), [1, 3), [3, 5)
+    for i in range(5):
+        name = f"{i:06d}.png"
+        assert Image.open(whole / name).tobytes() == Image.open(tmp_path / "parts" / name).tobytes()
+    timings = sorted(p.name for p in (tmp_path / "parts").glob("timing*.json"))
+    assert timings == ["timing_part0of3.json", "timing_part1of3.json", "timing_part2of3.json"]
+    with pytest.raises(ValueError, match="part must be in"):
+        generate_to_folder(module, tmp_path / "bad", 5, steps=2, part=3, parts=3)

@@ -215,48 +215,119 @@ def search_topk(
 def _torch_topk(query, database, k, chunk_size, database_chunk_size, device, half, exclude_self):
     """Blocked top-k; see `search_topk`. `k` is already clipped to the number of candidates. `exclude_self`:
     True (query row i is database row i) or a (Q,) tensor of the database row to exclude for each query."""
+    dtype = _compute_dtype(query, database)
+    database = database.to(device=device, dtype=torch.float16 if half else dtype)
+    blocks = (
+        (d0, database[d0 : d0 + database_chunk_size])
+        for d0 in range(0, database.shape[0], database_chunk_size)
+    )
+    return stream_topk(query, blocks, k, chunk_size, device, half, exclude_self, dtype)
+
+
+def _compute_dtype(query, database) -> torch.dtype:
+    """float32 unless both inputs are float64: float16 inputs without half=True are upcast, as fp16 scores create
+    spurious ties and fp16 matmul is slow on CPU."""
+    dtype = torch.promote_types(query.dtype, database.dtype)
+    return dtype if dtype == torch.float64 else torch.float32
+
+
+def stream_topk(
+    query,
+    blocks,
+    k: int,
+    chunk_size: int = 1024,
+    device=None,
+    half: bool = False,
+    exclude_self=False,
+    dtype=None,
+):
+    """Exact top-k of each query row over a database given as consecutive blocks, in memory bounded by one block.
+
+    The engine of `search_topk` (its database cut into blocks) and of the feature store's search (shards read
+    block by block from disk, `src.replication.store_search`).
+
+    Args:
+        query: (Q, D) checked features (`as_features`).
+        blocks: iterable of (first database row, (n, D) tensor), in row order, together the whole database.
+        k: neighbours per query, already clipped to the number of candidates.
+        half: the blocks are float16 storage: on CUDA the products take float16 inputs and accumulate in
+            float32, on CPU each block is upcast to float32.
+        exclude_self: False, True (query row i is database row i) or a (Q,) tensor of the database row each
+            query excludes.
+        dtype: the products' dtype without half (default float32; float64 for float64 inputs).
+
+    Returns:
+        scores (Q, k) and indices (Q, k) int64 on `device` (default: the query's).
+    """
+    device = torch.device(device) if device is not None else query.device
     on_cuda = device.type == "cuda"
     if half:
         compute_dtype = torch.float16 if on_cuda else torch.float32
-        database = database.to(device=device, dtype=torch.float16)
-        query = query.to(device=device, dtype=compute_dtype)
+        score_dtype = torch.float32
     else:
-        # float32 unless both inputs are float64: float16 inputs without half=True are upcast, as fp16 scores
-        # create spurious ties and fp16 matmul is slow on CPU.
-        compute_dtype = torch.promote_types(query.dtype, database.dtype)
-        compute_dtype = compute_dtype if compute_dtype == torch.float64 else torch.float32
-        database = database.to(device=device, dtype=compute_dtype)
-        query = query.to(device=device, dtype=compute_dtype)
-    score_dtype = torch.float32 if half else compute_dtype
+        compute_dtype = score_dtype = dtype or torch.float32
+    query = query.to(device=device, dtype=compute_dtype)
 
     def product(chunk, block):
         if half and on_cuda:
             return torch.mm(chunk, block.T, out_dtype=torch.float32)  # float16 in, float32 accumulate/out
         return chunk @ block.T  # (c, n)
 
-    return _blocked_topk(
-        query, database, k, chunk_size, database_chunk_size, product, score_dtype, exclude_self, compute_dtype
-    )
+    return _blocked_topk(query, blocks, k, chunk_size, product, score_dtype, exclude_self, compute_dtype)
 
 
-def _blocked_topk(
-    query, database, k, chunk_size, database_chunk_size, product, score_dtype, exclude_self, block_dtype=None
-):
+def faiss_stream_topk(query, blocks, k: int, exclude_self=False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`stream_topk` on the CPU with faiss: each block (any float dtype, upcast to float32) is searched by an
+    exact faiss.IndexFlatIP (faiss's BLAS tiles and heaps; faster than torch.mm where MKL trails OpenBLAS, as
+    on AMD CPUs) and merged into the running top k. A query's excluded row is searched one deeper and masked.
+    Returns CPU tensors, scores float32."""
+    import faiss
+
+    q = np.ascontiguousarray(query.detach().cpu().float().numpy())
+    exclude = None
+    if exclude_self is True:
+        exclude = np.arange(len(q))
+    elif exclude_self is not False:
+        exclude = torch.as_tensor(exclude_self).cpu().numpy()
+    best_scores = torch.full((len(q), k), float("-inf"))
+    best_indices = torch.full((len(q), k), -1, dtype=torch.long)
+    for d0, block in blocks:
+        block = np.ascontiguousarray(torch.as_tensor(block).cpu().float().numpy())
+        n = len(block)
+        if n == 0:
+            continue
+        flat = faiss.IndexFlatIP(block.shape[1])
+        flat.add(block)
+        inside = exclude is not None and bool(((exclude >= d0) & (exclude < d0 + n)).any())
+        scores, indices = flat.search(q, min(k + int(inside), n))
+        if inside:
+            scores[indices == (exclude - d0)[:, None]] = float("-inf")
+        merged_scores = torch.cat([best_scores, torch.from_numpy(scores)], dim=1)
+        merged_indices = torch.cat([best_indices, torch.from_numpy(indices.astype(np.int64)) + d0], dim=1)
+        keep = merged_scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
+        best_scores, best_indices = merged_scores.gather(1, keep), merged_indices.gather(1, keep)
+    return best_scores, best_indices
+
+
+def _blocked_topk(query, blocks, k, chunk_size, product, score_dtype, exclude_self, block_dtype=None):
     """The blocked loop of every torch search: score tiles `product(chunk, block)` (c, n), each reduced to its
-    top k and merged into a running top k. exclude_self: False, True (query row i is database row i) or a (Q,)
-    tensor of the database row each query excludes. block_dtype: each database block is cast to it once (the
-    float16 storage of half=True, upcast on CPU)."""
-    n_queries, n_database, device = query.shape[0], database.shape[0], query.device
+    top k and merged into a running top k. blocks: (first row, (n, D) block) in order. exclude_self: False, True
+    (query row i is database row i) or a (Q,) tensor of the database row each query excludes. block_dtype: each
+    block is moved to the query's device and cast to it once (the float16 storage of half=True, upcast on CPU)."""
+    n_queries, device = query.shape[0], query.device
     if exclude_self is True:
         exclude_self = torch.arange(n_queries, device=device)
+    elif exclude_self is not False:
+        exclude_self = torch.as_tensor(exclude_self, device=device)
     best_scores = torch.full((n_queries, k), float("-inf"), dtype=score_dtype, device=device)
     best_indices = torch.full((n_queries, k), -1, dtype=torch.long, device=device)
+    filled = False
     # Database blocks outside, query chunks inside: each block is moved / upcast once.
-    for d0 in range(0, n_database, database_chunk_size):
-        block = database[d0 : d0 + database_chunk_size]  # (n, D)
-        if block_dtype is not None and block.dtype != block_dtype:
-            block = block.to(block_dtype)
+    for d0, block in blocks:
+        block = block.to(device=device, dtype=block_dtype or block.dtype)  # (n, D)
         n = block.shape[0]
+        if n == 0:
+            continue
         for q0 in range(0, n_queries, chunk_size):
             chunk = query[q0 : q0 + chunk_size]  # (c, D)
             sims = product(chunk, block)  # (c, n)
@@ -268,8 +339,11 @@ def _blocked_topk(
             top = torch.topk(sims, min(k, n), dim=1)
             del sims
             values = top.values.to(score_dtype)
-            if d0 == 0 and n >= k:  # the first block fills the running top k
-                best_scores[q0 : q0 + chunk_size], best_indices[q0 : q0 + chunk_size] = values, top.indices
+            if not filled and n >= k:  # the first block fills the running top k
+                best_scores[q0 : q0 + chunk_size], best_indices[q0 : q0 + chunk_size] = (
+                    values,
+                    top.indices + d0,
+                )
                 continue
             # Merge into the running top k. A stable sort keeps the running entries (earlier blocks) ahead of
             # equal scores of this block, and this block's ties in torch.topk's order.
@@ -278,6 +352,7 @@ def _blocked_topk(
             keep = merged_scores.sort(dim=1, descending=True, stable=True).indices[:, :k]  # (c, k)
             best_scores[q0 : q0 + chunk_size] = merged_scores.gather(1, keep)
             best_indices[q0 : q0 + chunk_size] = merged_indices.gather(1, keep)
+        filled = True
     return best_scores, best_indices
 
 
@@ -371,15 +446,10 @@ def _bf16_rerank(query, database, k, candidates, chunk_size, database_chunk_size
             return torch.mm(chunk, block.T, out_dtype=torch.float32)  # bf16 in, float32 accumulate and out
         return chunk @ block.T  # bf16 out on the CPU: the bound counts its rounding
 
+    low = database.to(torch.bfloat16)
+    blocks = ((d0, low[d0 : d0 + database_chunk_size]) for d0 in range(0, low.shape[0], database_chunk_size))
     cand_scores, cand_indices = _blocked_topk(
-        query.to(torch.bfloat16),
-        database.to(torch.bfloat16),
-        m,
-        chunk_size,
-        database_chunk_size,
-        product,
-        torch.float32,
-        exclude_self,
+        query.to(torch.bfloat16), blocks, m, chunk_size, product, torch.float32, exclude_self
     )
     # Re-score the candidates exactly, a few queries at a time (bounded memory).
     rescored = torch.empty(cand_indices.shape, dtype=torch.float64, device=device)

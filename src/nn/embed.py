@@ -2,8 +2,10 @@
 and the replication features (`src.replication.features`) share."""
 
 import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from src.data.images import image_batches
+from src.data.images import ImageListDataset, collate_skip_none
 
 
 @torch.no_grad()
@@ -23,12 +25,28 @@ def embed_images(
     Unreadable files are logged and skipped. Returns (features (M, D) float32 on the CPU, indices into `paths`
     of the M readable images (M,), number of files skipped); RuntimeError when no image is readable.
     """
-    chunks, rows = [], []
-    for images, index in image_batches(root, paths, extractor.transform(), batch_size, num_workers, desc):
-        features = extractor(images.to(device)).float().cpu()
-        chunks.append(features if project is None else project(features))
-        rows.append(index)
-    if not chunks:
+    dataset = ImageListDataset(root, paths, extractor.transform())
+    features, indices = embed_dataset(extractor, dataset, batch_size, num_workers, device, desc, project)
+    if features is None:
         raise RuntimeError(f"none of the {len(paths)} image files under '{root}' is readable ({desc})")
-    indices = torch.cat(rows)
-    return torch.cat(chunks), indices, len(paths) - len(indices)
+    return features, indices, len(paths) - len(indices)
+
+
+@torch.no_grad()
+def embed_dataset(
+    extractor, dataset, batch_size=32, num_workers=0, device="cpu", desc="images", project=None
+):
+    """(features (M, D) float32 on the CPU, indices (M,) of the readable items) of a dataset whose items are
+    {"image", "index"} or None (unreadable, dropped by `collate_skip_none`), under a progress bar; features are
+    None when no item is readable."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_none)
+    chunks, rows = [], []
+    for batch in tqdm(loader, desc=desc, unit="batch"):
+        if "image" not in batch:
+            continue
+        features = extractor(batch["image"].to(device)).float().cpu()
+        chunks.append(features if project is None else project(features))
+        rows.append(batch["index"])
+    if not chunks:
+        return None, torch.zeros(0, dtype=torch.long)
+    return torch.cat(chunks), torch.cat(rows)

@@ -27,10 +27,12 @@ from src.metrics.complexity import MEASURES, complexity_correlations, complexity
 from src.metrics.replication import stats_from_similarities, train_background, upweighted_split_stats
 from src.metrics.search import search_topk
 from src.replication.clip_score import clip_score_of_files, load_clip
-from src.replication.features import cached_folder_features, extract_folder
+from src.replication.features import FolderFeatures, cached_folder_features, extract_folder
 from src.replication.fid import build_fid_inception, fid_between_folders
 from src.replication.report import write_complexity, write_report
-from src.utils.checkpoints import load_checkpoint
+from src.replication.store import FeatureStore, StoreError
+from src.replication.store_search import search_store, store_background
+from src.utils.checkpoints import load_checkpoint, state_digest
 from src.utils.checks import check_number, clip_count
 from src.utils.files import read_json, read_text
 
@@ -139,6 +141,19 @@ def load_sampling_weights(source, train_listing: list[str]) -> dict[str, float]:
             f"sampling weights '{name}' must be finite and >= 0; {len(bad)} are not, e.g. {bad[:3]}"
         )
     return weights
+
+
+def open_train_store(path, extractor) -> FeatureStore:
+    """The training set's feature store, refused when another extractor or other weights made it."""
+    store = FeatureStore(path)
+    made_by = store.manifest["extractor"]
+    if made_by["name"] != extractor.name or made_by["weights"] != state_digest(extractor):
+        raise StoreError(
+            f"store '{path}' holds features of {made_by['name']} (weights {made_by['weights'][:12]}), the report "
+            f"runs {extractor.name} (weights {state_digest(extractor)[:12]}): extract the store with this "
+            "extractor (python -m src.extract) or pick the store's extractor"
+        )
+    return store
 
 
 def match_generations(generated: torch.Tensor, train: torch.Tensor, k: int, device, chunk: int = 4096):
@@ -257,6 +272,8 @@ def analyse_replication(
     complexity: bool = True,
     fid: dict | None = None,
     clip_score: dict | None = None,
+    train_store=None,
+    background_anchors: int | None = None,
 ) -> dict:
     """Compare generations with their training images and write the report folder `output_dir`.
 
@@ -278,6 +295,13 @@ def analyse_replication(
         clip_score: None (off) or {"model": "ViT-B-16" or an open_clip module, "pretrained": "openai" or a file,
             "tokenizer" (with a module), "batch_size": 64, "train_captions": .json {path: caption or [captions]}};
             needs `prompts`; gives `clip_score` and, with train captions, `clip_score_train`.
+        train_store: a feature store of the training set (`src.replication.store`, e.g. from `python -m
+            src.extract` on N GPUs) searched block by block instead of extracting `train_dir`; made by the same
+            extractor with the same weights. `train_dir` then only serves the images the report shows (default:
+            the store's source folder; a webdataset store has none: gallery, complexity, FID and the training
+            CLIP score are off).
+        background_anchors: the train-train background over a seeded sample of this many training rows (with
+            `train_store`; None: every row, N x N products).
 
     Returns:
         The statistics: `sim_*` / `bg_*` (`src.metrics.replication`), then those of each extra switched on. They are
@@ -312,37 +336,59 @@ def analyse_replication(
     if clip_score is not None:
         clip = _prepare_clip(clip_score, device)
 
-    for folder, files in ((generated_dir, generated_files), (train_dir, train_files)):
+    store = None
+    if train_store is not None:
+        store = open_train_store(train_store, extractor)
+        if train_dir is None and store.manifest["source"]["kind"] == "folder":
+            train_dir = store.manifest["source"]["root"]
+        if train_dir is None:
+            log.info(
+                "the training store has no image folder: no gallery, complexity, FID or training CLIP score"
+            )
+            gallery_size, complexity, fid = 0, False, None
+        train_files = None
+    folders = [(generated_dir, generated_files)] + ([(train_dir, train_files)] if store is None else [])
+    for folder, files in folders:
         folder_files(
             folder, files
         )  # a missing or empty folder, or a file given as one, fails before extraction
     loader_args = {"batch_size": batch_size, "num_workers": num_workers, "device": device}
-    train = cached_folder_features(
-        extractor,
-        train_dir,
-        cache_dir,
-        extractor_config,
-        files=train_files,
-        desc="train features",
-        **loader_args,
-    )
+    if store is None:
+        train = cached_folder_features(
+            extractor,
+            train_dir,
+            cache_dir,
+            extractor_config,
+            files=train_files,
+            desc="train features",
+            **loader_args,
+        )
+    else:
+        train = FolderFeatures(str(train_dir or store.root), store.paths, None, store.skipped, cache="store")
     generated = extract_folder(
         extractor, generated_dir, files=generated_files, desc="generated features", **loader_args
     )
     prompts = load_prompts(prompts, generated.paths, generated_dir)
-    if generated.features.shape[1] != train.features.shape[1]:
+    train_dim = store.dim if store is not None else train.features.shape[1]
+    if generated.features.shape[1] != train_dim:
         raise ValueError(
             f"generated features {tuple(generated.features.shape)} and train features "
-            f"{tuple(train.features.shape)} differ in dimension: the cache and the extractor disagree"
+            f"({len(train.paths)}, {train_dim}) differ in dimension: the cache and the extractor disagree"
         )
     k = clip_count("k", k, len(train.paths), "training images")
-    scores, indices = match_generations(generated.features, train.features, k, device)
-    background, _ = train_background(train.features, device=device)
+    if store is None:
+        scores, indices = match_generations(generated.features, train.features, k, device)
+        background, _ = train_background(train.features, device=device)
+    else:
+        scores, indices = search_store(generated.features, store, k, device=device)
+        scores, indices = scores.cpu(), indices.cpu()
+        _, background, _ = store_background(store, background_anchors, device=device)
     top1, matched = scores[:, 0], [train.paths[i] for i in indices[:, 0].tolist()]
     stats = stats_from_similarities(top1, background, threshold)
     extra = {
         "extractor": extractor.name,
         "train_cache": train.cache,
+        "background_rows": len(background),
         "train_files": None if train_files is None else len(train_files),
         "generated_files": None if generated_files is None else len(generated_files),
     }

@@ -1,7 +1,7 @@
 """Image folder -> L2-normalised features, skipping (and listing) unreadable files, with an on-disk cache.
 
 The DCR code re-extracts the whole training set for every analysis (somepago/DCR `diff_retrieval.py`). Here the
-training-set features are cached under `cache_dir`, keyed by a hash of the images read (relative paths, sizes and
+training-set features are cached under `cache_dir` as a float32 feature store (`src.replication.store`), keyed by a hash of the images read (relative paths, sizes and
 modification times), the extractor's `name` and config, and the content of its weights (`state_digest`: every
 parameter and buffer, wherever they were loaded from): a second analysis against the same folder extracts nothing,
 while another extractor, other weights behind the same checkpoint path (a run's `last.ckpt` during and after
@@ -11,9 +11,8 @@ larger folder, e.g. 300 of the 30,000 CelebA-HQ images, docs/memorization.md#ddp
 then covers exactly those files, so a subset and the whole folder never share a cache.
 """
 
-import hashlib
-import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +20,10 @@ import torch
 
 from src.data.images import UnreadableImage, folder_files, load_rgb
 from src.nn.embed import embed_images
-from src.utils.checkpoints import CheckpointError, load_checkpoint, state_digest
+from src.replication.store import MANIFEST, FeatureStore, StoreError, extract_store, source_units, store_key
+from src.utils.checkpoints import state_digest
 
 log = logging.getLogger(__name__)
-
-# Bump when the cached file layout or the extraction changes, so old caches are not read.
-CACHE_VERSION = 2
 
 
 @dataclass
@@ -101,18 +98,11 @@ def cache_key(
     files: list[str] | None = None,
     weights: str = "",
 ) -> str:
-    """sha256 of (relative path, size, mtime in ns) of each image read (`folder_files(folder, files)`: the sorted
-    folder listing, or the listed files in their order) + extractor name + config + `weights` (the extractor's
-    `state_digest`)."""
-    folder = Path(folder)
-    content = []
-    for relative in folder_files(folder, files):
-        stat = (folder / relative).stat()
-        content.append((relative, stat.st_size, stat.st_mtime_ns))
-    blob = json.dumps(
-        [CACHE_VERSION, extractor_name, extractor_config or {}, weights, content], sort_keys=True, default=str
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
+    """The cache's store key (`src.replication.store.store_key`, float32): sha256 over (relative path, size, mtime
+    in ns) of each image read (`folder_files(folder, files)`: the sorted folder listing, or the listed files in
+    their order), the extractor's name and config and `weights` (the extractor's `state_digest`)."""
+    description, _ = source_units(folder, files)
+    return store_key(description, extractor_name, extractor_config, weights, "float32")
 
 
 def cached_folder_features(
@@ -121,40 +111,48 @@ def cached_folder_features(
     cache_dir,
     extractor_config: dict | None = None,
     files: list[str] | None = None,
-    **extract_kwargs,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device="cpu",
+    desc: str | None = None,
 ) -> FolderFeatures:
-    """`extract_folder`, read from / written to `cache_dir/<extractor name>_<key>.pt` (see `cache_key`).
+    """`extract_folder` through a float32 feature store `cache_dir/<extractor name>_<key>/` (see `cache_key` and
+    `src.replication.store`): read when it holds this key, written (or resumed shard by shard after an
+    interruption) otherwise; a store whose files no longer match its manifest is deleted and written again.
 
     `files` restricts the folder to the listed relative paths (see `folder_files`). `cache_dir=None` switches the
     cache off. `.cache` of the result says "hit" or "miss".
     """
     if cache_dir is None:
-        return extract_folder(extractor, folder, files=files, **extract_kwargs)
+        return extract_folder(extractor, folder, batch_size, num_workers, device, desc, files)
     key = cache_key(folder, extractor.name, extractor_config, files, weights=state_digest(extractor))
-    path = Path(cache_dir) / f"{extractor.name}_{key[:24]}.pt"
-    if path.is_file():
+    path = Path(cache_dir) / f"{extractor.name}_{key[:24]}"
+    cache = "miss"
+    if (path / MANIFEST).is_file():
         try:
-            saved = load_checkpoint(path, "feature cache file")
-        except CheckpointError as error:
+            store = FeatureStore(path)
+            cache = "hit" if store.key == key else "miss"
+            if cache == "miss":
+                log.warning(f"Feature cache {path} holds another key (hash prefix collision); re-extracting")
+        except StoreError as error:
             log.warning(f"{error} Re-extracting and writing it again.")
-            saved = {}
-        if saved.get("key") == key:
-            log.info(
-                f"Feature cache hit: {path} ({len(saved['paths'])} images of '{folder}', nothing extracted)"
-            )
-            return FolderFeatures(
-                str(folder), saved["paths"], saved["features"], saved["skipped"], cache="hit"
-            )
-        elif saved:
-            log.warning(f"Feature cache {path} holds another key (hash prefix collision); re-extracting")
-    result = extract_folder(extractor, folder, files=files, **extract_kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so an interrupted run never leaves a half-written cache.
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {"key": key, "paths": result.paths, "features": result.features, "skipped": result.skipped}, tmp
-    )
-    tmp.replace(path)
-    log.info(f"Feature cache written: {path}")
-    result.cache = "miss"
-    return result
+        if cache == "miss":
+            shutil.rmtree(path)
+    if cache == "miss":
+        store = extract_store(
+            extractor,
+            folder,
+            path,
+            files=files,
+            dtype="float32",
+            part=0,
+            parts=1,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            extractor_config=extractor_config,
+        )
+        log.info(f"Feature cache written: {path}")
+    else:
+        log.info(f"Feature cache hit: {path} ({len(store)} images of '{folder}', nothing extracted)")
+    return FolderFeatures(str(folder), store.paths, store.features(), store.skipped, cache=cache)

@@ -143,6 +143,14 @@ def launched_as_another_rank() -> bool:
     return any(int(os.environ.get(name, "0") or 0) > 0 for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
 
+def distributed_part() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else RANK / WORLD_SIZE (torchrun), else
+    (0, 1): the default part of work that sharded extraction and sampling take."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def claim_run_dir(output_dir) -> None:
     """FileExistsError when `output_dir` already holds a run (RUN_MARKERS); called by every entry point before
     it writes anything, so a call from Python is refused like one from the command line. Processes of another
