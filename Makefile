@@ -34,6 +34,7 @@ test-fast: install-dev
 bench: install  ## throughput / time / memory benchmarks against in-run baselines (benchmarks/, not installed)
 	$(PY) -m benchmarks.retrieval_metrics
 	$(PY) -m benchmarks.replication_search
+	$(PY) -m benchmarks.store_search
 	$(PY) -m benchmarks.extractor_throughput
 	$(PY) -m benchmarks.lightning_overhead --module csd
 	$(PY) -m benchmarks.lightning_overhead --module ddpm

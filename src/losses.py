@@ -132,10 +132,12 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather `x` along dim 0 from every rank, in rank order, with gradients flowing back to each rank.
 
     Args:
-        x: (b, ...) the local batch; every rank must hold the same b (drop the last uneven batch).
+        x: (b, ...) the local batch. Ranks may hold different b (images skipped as unreadable, an uneven last
+            batch, even b = 0): each rank's batch is padded to the largest b for the collective and the padding
+            removed from the result (and from the gradient).
 
     Returns:
-        (world_size * b, ...) the global batch when torch.distributed is initialised with world size > 1;
+        (sum of the ranks' b, ...) the global batch when torch.distributed is initialised with world size > 1;
         `x` itself otherwise.
 
     Why this gives the single-process gradient under DDP: every rank computes the same global loss L on the
@@ -153,16 +155,17 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     world_size = dist.get_world_size()
-    # A cheap size check first: all_gather needs equal shapes and would otherwise hang or fail obscurely.
+    # The sizes first: all_gather needs equal shapes, so uneven batches are padded to the largest.
     sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world_size)]
     dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device))
     sizes = [int(s.item()) for s in sizes]
-    if len(set(sizes)) != 1:
-        raise ValueError(
-            f"gather_with_grad: ranks hold different batch sizes {sizes} (rank order); use drop_last=True "
-            "so every rank has the same batch size"
-        )
-    return _GatherWithGrad.apply(x)
+    if len(set(sizes)) == 1:
+        return _GatherWithGrad.apply(x)
+    largest = max(sizes)
+    padding = x.new_zeros((largest - x.shape[0], *x.shape[1:]))
+    gathered = _GatherWithGrad.apply(torch.cat([x, padding]))  # (world_size * largest, ...)
+    rows = torch.cat([torch.arange(n, device=x.device) + r * largest for r, n in enumerate(sizes)])
+    return gathered[rows]
 
 
 def dann_alpha(progress: float) -> float:

@@ -184,12 +184,17 @@ def ddp_worker(rank, init_file, out_dir):
         w_grad = w.grad.clone()
         torch.distributed.all_reduce(w_grad)  # what DDP does to parameter grads: sum over ranks ...
         w_grad /= WORLD_SIZE  # ... then divide by world size
-        try:  # uneven batches across ranks must fail clearly, not hang
-            gather_with_grad(torch.zeros(rank + 1, 2))
-            uneven_error = ""
-        except ValueError as error:
-            uneven_error = str(error)
-        result = {"loss": loss.detach(), "x_grad": x.grad, "w_grad": w_grad, "uneven_error": uneven_error}
+        # uneven batches (rank 0: nothing left after skipped images, rank 1: 3 rows) gather with gradients
+        uneven = torch.full((3 * rank, 2), float(rank + 1), requires_grad=True)
+        gathered = gather_with_grad(uneven)
+        (gathered * torch.arange(len(gathered)).float()[:, None]).sum().backward()
+        result = {
+            "loss": loss.detach(),
+            "x_grad": x.grad,
+            "w_grad": w_grad,
+            "uneven": gathered.detach(),
+            "uneven_grad": uneven.grad,
+        }
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -217,4 +222,7 @@ def test_gather_with_grad_matches_single_process_under_ddp():
         torch.testing.assert_close(result["x_grad"] / WORLD_SIZE, x.grad[local])
         # The replicated parameter: DDP-averaged gradient == single-process gradient.
         torch.testing.assert_close(result["w_grad"], w.grad)
-        assert "different batch sizes [1, 2]" in result["uneven_error"]
+        assert torch.equal(result["uneven"], torch.full((3, 2), 2.0))  # rank 1's rows only
+        # d/dx of sum(row i * i) summed over the 2 ranks' identical losses: 2 * i for rank 1's rows 0, 1, 2
+        expected_grad = torch.zeros(0, 2) if rank == 0 else 2 * torch.arange(3.0)[:, None].expand(3, 2)
+        torch.testing.assert_close(result["uneven_grad"], expected_grad)

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,6 +151,11 @@ def test_webdataset_shards_are_one_store_shard_each_and_samples_without_an_image
     assert store.paths[:5] == [f"0_{i}" for i in range(5)]
     assert sorted(s["path"] for s in store.skipped) == ["0_broken", "0_text_only", "1_broken", "1_text_only"]
     assert store.manifest["source"]["kind"] == "webdataset" and store.manifest["skipped"] == 4
+    # the command line takes the brace pattern quoted (Hydra would read {..} as a dictionary)
+    from tests.conftest import compose_config
+
+    cfg = compose_config("extract.yaml", [f"source='{pattern}'", "store=x"], tmp_path / "cfg")
+    assert cfg.source == pattern
     with pytest.raises(FileNotFoundError, match="1 of 3 webdataset shards do not exist"):
         extract_store(PixelExtractor(8), [*map(str, tars), str(tmp_path / "gone.tar")], tmp_path / "s2")
 
@@ -247,3 +253,110 @@ def test_the_extract_entry_writes_a_store_that_the_replication_report_searches(f
                 tmp_path / "other",
             )
         )
+
+
+# ---- 2-process CPU DDP (gloo): samples_per_epoch and unreadable images under Lightning's distributed sampler ----
+
+
+class _TwoRanks:
+    world_size = 2
+
+
+def ddp_loader(rank, init_file, folder, out):
+    from lightning.pytorch.trainer.connectors.data_connector import (
+        _get_distributed_sampler,
+        _update_dataloader,
+    )
+    from torch.utils.data import DataLoader
+
+    from src.data.images import EpochRandomSampler, ImageListDataset, collate_skip_none, for_ranks
+    from src.nn.extractors import PixelExtractor
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        paths = sorted(p.name for p in Path(folder).iterdir())  # 20 images and broken.png
+        dataset = for_ranks(ImageListDataset(folder, paths, PixelExtractor(8).transform()), _TwoRanks())
+        loader = DataLoader(
+            dataset, batch_size=4, sampler=EpochRandomSampler(len(paths), 21), collate_fn=collate_skip_none
+        )
+        # what Lightning's trainer does to a training loader under DDP
+        sampler = _get_distributed_sampler(loader, shuffle=True, overfit_batches=0, num_replicas=2, rank=rank)
+        loader = _update_dataloader(loader, sampler)
+        loader.sampler.set_epoch(0)
+        batches = list(loader)
+        torch.save({"sizes": [len(b["index"]) for b in batches], "draws": list(loader.sampler)}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_samples_per_epoch_and_unreadable_images_under_two_process_ddp(folder, tmp_path):
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [str(tmp_path / f"{rank}.pt") for rank in range(2)]
+        torch.multiprocessing.spawn(
+            _spawn_loader, args=(os.path.join(tmp, "init"), str(folder), outs), nprocs=2, join=True
+        )
+    results = [torch.load(out) for out in outs]
+    for result in results:
+        # 21 draws per epoch (every image, broken.png included), 11 per rank (the sampler pads one): full
+        # batches, broken.png replaced by a readable image, never skipped
+        assert result["sizes"] == [4, 4, 3]
+    draws = results[0]["draws"] + results[1]["draws"]
+    assert len(draws) == 22 and len(set(draws)) == 21  # the ranks share one epoch of draws
+
+
+def _spawn_loader(rank, init_file, folder, outs):
+    ddp_loader(rank, init_file, folder, outs[rank])
+
+
+# ---- 2-process CPU DDP (gloo): the end-of-training analysis generates on every rank ----
+
+
+class _Strategy:
+    def barrier(self):
+        torch.distributed.barrier()
+
+
+class _Trainer:
+    """The attributes of a Lightning trainer that ReplicationAnalysis reads, on a torch.distributed rank."""
+
+    def __init__(self, root, datamodule):
+        self.global_rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.is_global_zero, self.sanity_checking, self.global_step = self.global_rank == 0, False, 7
+        self.default_root_dir, self.datamodule, self.strategy = root, datamodule, _Strategy()
+        self.loggers, self.callback_metrics = [], {}
+
+
+def ddp_analysis(rank, init_file, folder, root):
+    from types import SimpleNamespace
+
+    from src.callbacks.diffusion import ReplicationAnalysis
+    from tests.test_diffusion import tiny_module
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        names = sorted(p.name for p in Path(folder).glob("0*.png"))
+        datamodule = SimpleNamespace(
+            root=folder, train_files=names[:12], control_files=names[12:], hparams={}
+        )
+        callback = ReplicationAnalysis(PixelExtractor(8), num_images=6, steps=2, batch_size=2)
+        trainer = _Trainer(root, datamodule)
+        callback.on_fit_end(trainer, tiny_module())
+        if rank == 0:
+            assert "replication/train/sim_95pc" in trainer.callback_metrics
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_the_end_of_training_analysis_generates_on_every_rank_under_two_process_ddp(folder, tmp_path):
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.multiprocessing.spawn(
+            ddp_analysis, args=(os.path.join(tmp, "init"), str(folder), str(tmp_path)), nprocs=2, join=True
+        )
+    samples = tmp_path / "samples" / "final"
+    assert len(list(samples.glob("*.png"))) == 6
+    # each rank generated its half; rank 0 then found every image there and analysed
+    assert sorted(p.name for p in samples.glob("timing*.json")) == [
+        "timing_part0of2.json",
+        "timing_part1of2.json",
+    ]
+    assert json.loads((tmp_path / "replication" / "summary.json").read_text())["num_generated"] == 6

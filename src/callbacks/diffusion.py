@@ -154,47 +154,49 @@ class ReplicationAnalysis(Callback):
         self.clip_score, self.fid = clip_score, fid
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if (
-            trainer.is_global_zero
-            and not trainer.sanity_checking
-            and not getattr(trainer, "fast_dev_run", False)
-        ):
-            metrics = self.analyse(trainer, pl_module)
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
-            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items() if v is not None})
-        trainer.strategy.barrier()
+        """Every rank generates its index range of each folder; then rank 0 analyses while the others wait at a
+        barrier without the process group's timeout (Lightning's default 30 min would end a long analysis)."""
+        from lightning.fabric.utilities.distributed import _InfiniteBarrier
 
-    def analyse(self, trainer, pl_module) -> dict[str, float]:
-        from src.generation import generate_to_folder
-        from src.replication.analysis import analyse_replication
+        if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
+            trainer.strategy.barrier()
+            return
+        self.generate(trainer, pl_module, part=trainer.global_rank, parts=trainer.world_size)
+        trainer.strategy.barrier()  # the parts are equal in size, so this wait is short
+        with _InfiniteBarrier():  # __exit__ waits for rank 0's analysis, on every rank
+            if trainer.is_global_zero:
+                metrics = self.analyse(trainer, pl_module)
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=trainer.global_step)
+                trainer.callback_metrics.update(
+                    {k: torch.tensor(v) for k, v in metrics.items() if v is not None}
+                )
 
-        run_dir = Path(trainer.default_root_dir)
+    def _setting(self, trainer):
+        """(prompts or None, sampling weights file or None, [(report tag, folder name, mitigation options)])."""
         datamodule = trainer.datamodule
-        extractor = self.extractor.to(pl_module.device).eval()
         prompts = weights = None
         if hasattr(datamodule, "train_prompts"):
             prompts = datamodule.train_prompts(self.num_images, seed=self.prompt_seed)[0]
             weights_file = getattr(datamodule.hparams, "weights_file", None)
             weights = weights_file if weights_file and Path(weights_file).is_file() else None
-        control_files = getattr(datamodule, "control_files", [])
-        if self.control and not control_files:
-            log.warning(
-                "no held-out control images in this datamodule: only the training images are analysed"
-            )
-        # (report tag, generation folder, the mitigation's options without its folder label)
         variants = [("train", "final", {"name": "none"})]
         for m in self.inference_mitigations:
             label = mitigation_tag(m)
             options = {k: v for k, v in m.items() if k != "label"}
             variants.append((f"inference_{label}", f"final_{label}", options))
-        metrics, top1, sizes = {}, {}, {}
-        digest = state_digest(pl_module)  # keys every generation folder below; computed once
-        for tag, folder_name, mitigation in variants:
-            folder = run_dir / "samples" / folder_name
+        return prompts, weights, variants
+
+    def generate(self, trainer, pl_module, part: int = 0, parts: int = 1, digest: str | None = None) -> None:
+        """Generate this rank's index range of every folder (`generate_to_folder`: images already there are kept)."""
+        from src.generation import generate_to_folder
+
+        prompts, _, variants = self._setting(trainer)
+        digest = digest or state_digest(pl_module)  # keys every generation folder; computed once
+        for _, folder_name, mitigation in variants:
             generate_to_folder(
                 pl_module,
-                folder,
+                Path(trainer.default_root_dir) / "samples" / folder_name,
                 self.num_images,
                 seed=self.seed,
                 sampler=self.sampler,
@@ -204,7 +206,27 @@ class ReplicationAnalysis(Callback):
                 inference_mitigation=mitigation,
                 checkpoint=f"end of training, step {trainer.global_step}",
                 weights_sha256=digest,
+                part=part,
+                parts=parts,
             )
+
+    def analyse(self, trainer, pl_module) -> dict[str, float]:
+        """Generate what is missing (all of it when called alone), then the reports; the metrics logged."""
+        from src.replication.analysis import analyse_replication
+
+        run_dir = Path(trainer.default_root_dir)
+        datamodule = trainer.datamodule
+        extractor = self.extractor.to(pl_module.device).eval()
+        prompts, weights, variants = self._setting(trainer)
+        control_files = getattr(datamodule, "control_files", [])
+        if self.control and not control_files:
+            log.warning(
+                "no held-out control images in this datamodule: only the training images are analysed"
+            )
+        self.generate(trainer, pl_module)
+        metrics, top1, sizes = {}, {}, {}
+        for tag, folder_name, _ in variants:
+            folder = run_dir / "samples" / folder_name
             sets = {tag: datamodule.train_files}
             if tag == "train" and self.control and control_files:
                 sets["control"] = control_files

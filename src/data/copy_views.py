@@ -34,7 +34,14 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from src.data.images import ImageListDataset, build_atomically, collate_skip_none, jpeg_roundtrip, list_images
+from src.data.images import (
+    ImageListDataset,
+    build_atomically,
+    collate_skip_none,
+    for_ranks,
+    jpeg_roundtrip,
+    list_images,
+)
 from src.data.style.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 log = logging.getLogger(__name__)
@@ -361,7 +368,9 @@ class CopyDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         return DataLoader(
-            self.train_dataset,
+            for_ranks(
+                self.train_dataset, self.trainer
+            ),  # under DDP unreadable images are replaced, not skipped
             batch_size=hp.batch_size,
             shuffle=True,
             drop_last=True,

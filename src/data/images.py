@@ -22,8 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, default_collate
 from tqdm import tqdm
 
 from src.utils.files import read_json, read_text
@@ -222,6 +223,85 @@ class ImageListDataset(Dataset):
     def __getitem__(self, index: int) -> dict | None:
         image = self.load(index)
         return None if image is None else {"image": self.transform(image), "index": index}
+
+
+class SubstituteUnreadable(Dataset):
+    """A training set for DDP: an unreadable item (None) is replaced by the next readable one.
+
+    Under DDP every rank must hold a batch of the same size at every step: the contrastive losses gather the
+    ranks' batches, and a rank whose every image was unreadable would skip a step the others wait in forever.
+    One process keeps skipping unreadable images (`collate_skip_none`); `for_ranks` wraps the training set in
+    this when the trainer runs on several ranks. Key i is replaced by i + 1, i + 2, ... (modulo the length; a
+    (draw, index) key of `WeightedDrawSampler` shifts its index), logged once per key; RuntimeError when no item
+    is readable.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self._reported = set()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name):
+        if name == "dataset":  # not set yet (unpickling in a worker)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key):
+        item, offset, size = self.dataset[key], 0, len(self.dataset)
+        while item is None:
+            offset += 1
+            if offset >= size:
+                raise RuntimeError(f"none of the {size} training items is readable")
+            shifted = (key[0], (key[1] + offset) % size) if isinstance(key, tuple) else (key + offset) % size
+            item = self.dataset[shifted]
+        if offset and key not in self._reported:
+            self._reported.add(key)
+            log.warning(
+                "unreadable training item %s replaced by the readable one %d further (under DDP each rank's batch "
+                "keeps its size)",
+                key,
+                offset,
+            )
+        return item
+
+
+def for_ranks(dataset, trainer):
+    """`dataset` wrapped in `SubstituteUnreadable` when `trainer` runs on several ranks, else itself."""
+    if trainer is not None and getattr(trainer, "world_size", 1) > 1:
+        return SubstituteUnreadable(dataset)
+    return dataset
+
+
+class EpochRandomSampler(Sampler):
+    """`RandomSampler(range(n), num_samples=num_samples)` that Lightning splits between ranks under DDP.
+
+    Lightning replaces a plain `RandomSampler` with a `DistributedSampler` over the whole dataset, dropping
+    `num_samples` (samples_per_epoch); any other sampler it wraps in `DistributedSamplerWrapper`, which hands each
+    rank its share of the sampler's draws. In one process this draws exactly as `RandomSampler` (its seed from
+    torch's global generator, so runs are unchanged); under torch.distributed every rank draws the same
+    sequence, from a generator seeded by PL_GLOBAL_SEED and the epoch (set by Lightning), so the ranks' shares
+    are disjoint.
+    """
+
+    def __init__(self, n: int, num_samples: int):
+        self.n, self.num_samples, self.epoch = n, num_samples, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            seed = int(
+                np.random.SeedSequence([int(os.getenv("PL_GLOBAL_SEED", 0)), self.epoch]).generate_state(1)[0]
+            )
+            generator = torch.Generator().manual_seed(seed)
+        return iter(RandomSampler(range(self.n), num_samples=self.num_samples, generator=generator))
 
 
 def collate_skip_none(batch: list) -> dict:

@@ -200,7 +200,10 @@ def instantiate(node, **kwargs):
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` is the GPU when there is one, else the CPU; any other value is a torch device string."""
+    """`auto` is the GPU when there is one, else the CPU; any other value is a torch device string. Under torchrun
+    (LOCAL_RANK set) `auto` and `cuda` are this process's GPU, cuda:<LOCAL_RANK>."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
     return torch.device(name)

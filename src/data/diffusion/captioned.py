@@ -41,7 +41,7 @@ from src.data.diffusion.captions import (
     random_captions_for,
 )
 from src.data.diffusion.image_folder import fingerprint, select_subsets
-from src.data.images import ImageListDataset, collate_skip_none, folder_files
+from src.data.images import ImageListDataset, collate_skip_none, folder_files, for_ranks
 from src.mitigations import TRAIN_MITIGATIONS, apply_train_mitigation, clip_tokenizer, multiple_captions
 
 log = logging.getLogger(__name__)
@@ -417,7 +417,7 @@ class CaptionedDataModule(L.LightningDataModule):
         self.setup()
         hp = self.hparams
         return DataLoader(
-            self.dataset,
+            for_ranks(self.dataset, self.trainer),  # under DDP unreadable images are replaced, not skipped
             batch_size=hp.batch_size,
             sampler=self.sampler(),
             num_workers=hp.num_workers,

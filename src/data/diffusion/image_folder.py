@@ -19,10 +19,18 @@ from pathlib import Path
 import lightning as L
 import torch
 import torchvision.transforms as T
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from src.data.images import ImageListDataset, UnreadableImage, collate_skip_none, folder_files, load_rgb
+from src.data.images import (
+    EpochRandomSampler,
+    ImageListDataset,
+    UnreadableImage,
+    collate_skip_none,
+    folder_files,
+    for_ranks,
+    load_rgb,
+)
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +228,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.root, self.train_files, diffusion_transform(hp.image_size, hp.random_flip)
         )
         num_samples = hp.samples_per_epoch or max(len(dataset), 100 * hp.batch_size)
-        # without replacement, repeated: every image is seen equally often whatever the subset size
-        sampler = RandomSampler(dataset, num_samples=num_samples)
+        # without replacement, repeated: every image is seen equally often whatever the subset size; under DDP
+        # the ranks share these draws (EpochRandomSampler) and replace unreadable images (for_ranks)
+        sampler = EpochRandomSampler(len(dataset), num_samples)
+        dataset = for_ranks(dataset, self.trainer)
         return DataLoader(
             dataset,
             batch_size=hp.batch_size,

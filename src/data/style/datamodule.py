@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from src.data.images import ImageListDataset, collate_skip_none
+from src.data.images import ImageListDataset, collate_skip_none, for_ranks
 from src.data.style.multilabel import StyleFolderDataset, TagVocabulary, style_webdataset
 from src.data.style.retrieval import (
     RetrievalSet,
@@ -245,7 +245,10 @@ class StyleDataModule(L.LightningDataModule):
                 f"data.batch_size={batch_size} is larger than the {len(self.train_dataset)} training images, "
                 "so no full batch exists; lower data.batch_size or add images"
             )
-        return self._loader(self.train_dataset, batch_size, train=True)
+        dataset = self.train_dataset
+        if self.hparams.train_format != "webdataset":  # under DDP unreadable images are replaced, not skipped
+            dataset = for_ranks(dataset, self.trainer)
+        return self._loader(dataset, batch_size, train=True)
 
     def _eval_loader(self, retrieval_set: RetrievalSet) -> DataLoader:
         transform = eval_transform(self.hparams.image_size, tuple(self.hparams.mean), tuple(self.hparams.std))
