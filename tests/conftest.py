@@ -44,6 +44,8 @@ def digest_table(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("copyscope_cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("COPYSCOPE_CACHE_DIR", str(folder))
+        # study scripts run their steps in the test's process (src.replication.study.run_once), not in new ones
+        patch.setenv("COPYSCOPE_IN_PROCESS", "1")
         yield folder / "file_digests.json"
 
 

@@ -173,30 +173,6 @@ def test_approximate_search_re_scores_its_candidates_and_reports_recall(tmp_path
     assert len(list((tmp_path / "store" / "index").glob("IVF4,Flat_*.faiss"))) == 1
 
 
-# ---- 2-process CPU DDP (gloo): the ranks extract disjoint shards, rank 0 writes the manifest ----
-
-
-def ddp_extract(rank, init_file, folder, store_dir):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        store = extract_store(PixelExtractor(8), folder, store_dir, shard_size=5, dtype="float32")
-        assert len(store) == 20  # every rank gets the finished store
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_feature_extraction_under_two_process_ddp(folder, tmp_path):
-    store_dir = tmp_path / "store"
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.multiprocessing.spawn(
-            ddp_extract, args=(os.path.join(tmp, "init"), str(folder), str(store_dir)), nprocs=2, join=True
-        )
-    store = FeatureStore(store_dir, verify="hash")
-    reference = extract_folder(PixelExtractor(8), folder)
-    assert len(store.shards) == 5 and store.paths == reference.paths
-    torch.testing.assert_close(store.features(), reference.features, rtol=0, atol=0)
-
-
 def test_the_extract_entry_writes_a_store_that_the_replication_report_searches(folder, tmp_path):
     from src.extract import extract
     from src.replicate import replicate
@@ -255,60 +231,7 @@ def test_the_extract_entry_writes_a_store_that_the_replication_report_searches(f
         )
 
 
-# ---- 2-process CPU DDP (gloo): samples_per_epoch and unreadable images under Lightning's distributed sampler ----
-
-
-class _TwoRanks:
-    world_size = 2
-
-
-def ddp_loader(rank, init_file, folder, out):
-    from lightning.pytorch.trainer.connectors.data_connector import (
-        _get_distributed_sampler,
-        _update_dataloader,
-    )
-    from torch.utils.data import DataLoader
-
-    from src.data.images import EpochRandomSampler, ImageListDataset, collate_skip_none, for_ranks
-    from src.nn.extractors import PixelExtractor
-
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        paths = sorted(p.name for p in Path(folder).iterdir())  # 20 images and broken.png
-        dataset = for_ranks(ImageListDataset(folder, paths, PixelExtractor(8).transform()), _TwoRanks())
-        loader = DataLoader(
-            dataset, batch_size=4, sampler=EpochRandomSampler(len(paths), 21), collate_fn=collate_skip_none
-        )
-        # what Lightning's trainer does to a training loader under DDP
-        sampler = _get_distributed_sampler(loader, shuffle=True, overfit_batches=0, num_replicas=2, rank=rank)
-        loader = _update_dataloader(loader, sampler)
-        loader.sampler.set_epoch(0)
-        batches = list(loader)
-        torch.save({"sizes": [len(b["index"]) for b in batches], "draws": list(loader.sampler)}, out)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_samples_per_epoch_and_unreadable_images_under_two_process_ddp(folder, tmp_path):
-    with tempfile.TemporaryDirectory() as tmp:
-        outs = [str(tmp_path / f"{rank}.pt") for rank in range(2)]
-        torch.multiprocessing.spawn(
-            _spawn_loader, args=(os.path.join(tmp, "init"), str(folder), outs), nprocs=2, join=True
-        )
-    results = [torch.load(out) for out in outs]
-    for result in results:
-        # 21 draws per epoch (every image, broken.png included), 11 per rank (the sampler pads one): full
-        # batches, broken.png replaced by a readable image, never skipped
-        assert result["sizes"] == [4, 4, 3]
-    draws = results[0]["draws"] + results[1]["draws"]
-    assert len(draws) == 22 and len(set(draws)) == 21  # the ranks share one epoch of draws
-
-
-def _spawn_loader(rank, init_file, folder, outs):
-    ddp_loader(rank, init_file, folder, outs[rank])
-
-
-# ---- 2-process CPU DDP (gloo): the end-of-training analysis generates on every rank ----
+# ---- 2-process CPU DDP (gloo), one process group for three checks (each spawn costs two interpreters) ----
 
 
 class _Strategy:
@@ -317,7 +240,7 @@ class _Strategy:
 
 
 class _Trainer:
-    """The attributes of a Lightning trainer that ReplicationAnalysis reads, on a torch.distributed rank."""
+    """The attributes of a Lightning trainer that ReplicationAnalysis and `for_ranks` read, on a rank."""
 
     def __init__(self, root, datamodule):
         self.global_rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -326,20 +249,45 @@ class _Trainer:
         self.loggers, self.callback_metrics = [], {}
 
 
-def ddp_analysis(rank, init_file, folder, root):
+def ddp_checks(rank, init_file, folder, root):
     from types import SimpleNamespace
 
+    from lightning.pytorch.trainer.connectors.data_connector import (
+        _get_distributed_sampler,
+        _update_dataloader,
+    )
+    from torch.utils.data import DataLoader
+
     from src.callbacks.diffusion import ReplicationAnalysis
+    from src.data.images import EpochRandomSampler, ImageListDataset, collate_skip_none, for_ranks
     from tests.test_diffusion import tiny_module
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        names = sorted(p.name for p in Path(folder).glob("0*.png"))
-        datamodule = SimpleNamespace(
+        root = Path(root)
+        # 1. feature extraction: the ranks extract disjoint shards, rank 0 writes the manifest, both get the store
+        store = extract_store(PixelExtractor(8), folder, root / "store", shard_size=5, dtype="float32")
+        assert len(store) == 20
+
+        # 2. the training loader as Lightning's trainer rebuilds it under DDP
+        paths = sorted(p.name for p in Path(folder).iterdir())  # 20 images and broken.png
+        names = paths[:-1]
+        trainer = _Trainer(str(root / "run"), None)
+        dataset = for_ranks(ImageListDataset(folder, paths, PixelExtractor(8).transform()), trainer)
+        loader = DataLoader(
+            dataset, batch_size=4, sampler=EpochRandomSampler(len(paths), 21), collate_fn=collate_skip_none
+        )
+        sampler = _get_distributed_sampler(loader, shuffle=True, overfit_batches=0, num_replicas=2, rank=rank)
+        loader = _update_dataloader(loader, sampler)
+        loader.sampler.set_epoch(0)
+        sizes = [len(b["index"]) for b in loader]
+        torch.save({"sizes": sizes, "draws": list(loader.sampler)}, root / f"loader{rank}.pt")
+
+        # 3. the end-of-training analysis: every rank generates its index range, rank 0 analyses
+        trainer.datamodule = SimpleNamespace(
             root=folder, train_files=names[:12], control_files=names[12:], hparams={}
         )
         callback = ReplicationAnalysis(PixelExtractor(8), num_images=6, steps=2, batch_size=2)
-        trainer = _Trainer(root, datamodule)
         callback.on_fit_end(trainer, tiny_module())
         if rank == 0:
             assert "replication/train/sim_95pc" in trainer.callback_metrics
@@ -347,16 +295,27 @@ def ddp_analysis(rank, init_file, folder, root):
         torch.distributed.destroy_process_group()
 
 
-def test_the_end_of_training_analysis_generates_on_every_rank_under_two_process_ddp(folder, tmp_path):
+def test_extraction_the_training_loader_and_the_analysis_under_two_process_ddp(folder, tmp_path):
     with tempfile.TemporaryDirectory() as tmp:
         torch.multiprocessing.spawn(
-            ddp_analysis, args=(os.path.join(tmp, "init"), str(folder), str(tmp_path)), nprocs=2, join=True
+            ddp_checks, args=(os.path.join(tmp, "init"), str(folder), str(tmp_path)), nprocs=2, join=True
         )
-    samples = tmp_path / "samples" / "final"
+    # 1. one store, five shards, the same rows as one process's extraction
+    store = FeatureStore(tmp_path / "store", verify="hash")
+    reference = extract_folder(PixelExtractor(8), folder)
+    assert len(store.shards) == 5 and store.paths == reference.paths
+    torch.testing.assert_close(store.features(), reference.features, rtol=0, atol=0)
+    # 2. samples_per_epoch = 21 draws (every image, broken.png included), 11 per rank (the sampler pads one):
+    # full batches, broken.png replaced by a readable image and never skipped; the ranks share one epoch's draws
+    loaders = [torch.load(tmp_path / f"loader{rank}.pt") for rank in range(2)]
+    assert [result["sizes"] for result in loaders] == [[4, 4, 3], [4, 4, 3]]
+    draws = loaders[0]["draws"] + loaders[1]["draws"]
+    assert len(draws) == 22 and len(set(draws)) == 21
+    # 3. each rank generated its half of the images; rank 0 then found them all and analysed
+    samples = tmp_path / "run" / "samples" / "final"
     assert len(list(samples.glob("*.png"))) == 6
-    # each rank generated its half; rank 0 then found every image there and analysed
     assert sorted(p.name for p in samples.glob("timing*.json")) == [
         "timing_part0of2.json",
         "timing_part1of2.json",
     ]
-    assert json.loads((tmp_path / "replication" / "summary.json").read_text())["num_generated"] == 6
+    assert json.loads((tmp_path / "run" / "replication" / "summary.json").read_text())["num_generated"] == 6

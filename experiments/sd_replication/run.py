@@ -76,7 +76,7 @@ def write_prompts(args, path: Path) -> list[str]:
 def entry(name: str, overrides: list[str], run_dir: Path, nproc: int) -> None:
     """`python -m src.<name>`, or under torchrun with `nproc` processes (each takes its part from its rank)."""
     if nproc <= 1:
-        run_once(name, overrides, run_dir, done="never")
+        run_once(name, overrides, run_dir, done=None)
         return
     command = [
         sys.executable,

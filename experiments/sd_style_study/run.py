@@ -23,8 +23,6 @@ database's labels write them.
 import argparse
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from src.data.images import list_images
@@ -32,11 +30,6 @@ from src.data.style.prompts import TEMPLATES, style_prompts, user_prompts
 from src.replication.study import run_once
 
 KS = (1, 10, 100)
-
-
-def run(command: list[str]) -> None:
-    print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
 
 
 def attempt_dir(parent: Path, setting: str) -> Path:
@@ -123,23 +116,18 @@ def main(argv: list[str] | None = None) -> dict:
         generated = out / "generated" / setting
         done = generated.is_dir() and len([p for p in generated.glob("*.png")]) >= len(prompts)
         if not done:
-            run(
-                [
-                    sys.executable,
-                    "-m",
-                    "src.sample",
-                    f"pretrained={args.pretrained}",
-                    f"prompts={out / 'prompts' / f'{setting}.txt'}",
-                    f"num_images={len(prompts)}",
-                    f"output_folder={generated}",
-                    f"image_size={args.image_size}",
-                    f"steps={args.steps}",
-                    f"batch_size={args.batch_size}",
-                    f"device={args.device}",
-                    f"seed={args.seed}",
-                    f"hydra.run.dir={attempt_dir(out / 'sample_runs', setting)}",
-                ]
-            )
+            sample = [
+                f"pretrained={args.pretrained}",
+                f"prompts={out / 'prompts' / f'{setting}.txt'}",
+                f"num_images={len(prompts)}",
+                f"output_folder={generated}",
+                f"image_size={args.image_size}",
+                f"steps={args.steps}",
+                f"batch_size={args.batch_size}",
+                f"device={args.device}",
+                f"seed={args.seed}",
+            ]
+            run_once("sample", sample, attempt_dir(out / "sample_runs", setting), done=None)
         labels = [labels for _, labels in prompts]
         table = scoring_csv(generated, labels, database, out / "prompts" / f"{setting}_scoring.csv")
         command = ["benchmark=csv", f"benchmark.csv_path={table}", *args.extractor, f"name={args.name}"]

@@ -92,6 +92,9 @@ def write_report(
     save_figure(draw_similarity_histogram(series, threshold), files["histogram.png"], dpi=120)
 
     shown = rows[:gallery_size]
+    if not shown:  # gallery_size=0, or no training images to show (a webdataset store)
+        del files["gallery.png"]
+        return files
     cols = min(scores.shape[1], 5)
     fig = draw_retrieval_gallery(
         Path(),  # absolute paths below

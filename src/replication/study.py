@@ -3,8 +3,10 @@ reading their reports, tables and bootstrap confidence intervals (figures: `src.
 
 import argparse
 import csv
+import importlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,15 +49,47 @@ def find_runs(
     return list(runs)
 
 
-def run_once(entry: str, overrides: list[str], run_dir: Path, done: str = "metrics.json") -> Path:
+def run_once(entry: str, overrides: list[str], run_dir: Path, done: str | None = "metrics.json") -> Path:
     """`python -m src.<entry> <overrides> hydra.run.dir=<run_dir>`, unless `run_dir/<done>` exists: a finished run is
-    read again rather than re-run, so a study script resumes where it stopped. Returns run_dir."""
+    read again rather than re-run, so a study script resumes where it stopped (done=None: always run). Returns
+    run_dir.
+
+    With the environment variable COPYSCOPE_IN_PROCESS=1 the entry runs in this process (Hydra's main called with
+    the overrides as its command line), which saves an interpreter start-up per step: the tests set it.
+    """
     run_dir = Path(run_dir)
-    if not (run_dir / done).is_file():
-        command = [sys.executable, "-m", f"src.{entry}", *overrides, f"hydra.run.dir={run_dir}"]
-        print("+", " ".join(command), flush=True)
-        subprocess.run(command, check=True)
+    if done is None or not (run_dir / done).is_file():
+        argv = [*overrides, f"hydra.run.dir={run_dir}"]
+        print("+", sys.executable, "-m", f"src.{entry}", " ".join(argv), flush=True)
+        if os.environ.get("COPYSCOPE_IN_PROCESS") == "1":
+            _run_in_process(entry, argv)
+        else:
+            subprocess.run([sys.executable, "-m", f"src.{entry}", *argv], check=True)
     return run_dir
+
+
+def _run_in_process(entry: str, argv: list[str]) -> None:
+    """Hydra's `main` of src.<entry> with `argv` as its command line; a failed run raises (Hydra exits with 1)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    module = importlib.import_module(f"src.{entry}")
+    saved, saved_module = sys.argv, os.environ.get("HYDRA_MAIN_MODULE")
+    GlobalHydra.instance().clear()
+    sys.argv = [f"src/{entry}.py", *argv]
+    # As under `python -m`: Hydra finds conf/ beside the entry's file, not as a Python package "conf".
+    os.environ["HYDRA_MAIN_MODULE"] = "__main__"
+    try:
+        module.main()
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise RuntimeError(f"src.{entry} failed (exit code {exit_.code}); its log is above") from None
+    finally:
+        sys.argv = saved
+        if saved_module is None:
+            os.environ.pop("HYDRA_MAIN_MODULE", None)
+        else:
+            os.environ["HYDRA_MAIN_MODULE"] = saved_module
+        GlobalHydra.instance().clear()
 
 
 def read_json(path: Path) -> dict:
