@@ -319,3 +319,14 @@ def test_extraction_the_training_loader_and_the_analysis_under_two_process_ddp(f
         "timing_part1of2.json",
     ]
     assert json.loads((tmp_path / "run" / "replication" / "summary.json").read_text())["num_generated"] == 6
+
+
+def test_row_names_are_read_shard_by_shard(folder, tmp_path):
+    store = extract_store(PixelExtractor(8), folder, tmp_path / "store", shard_size=3, dtype="float32")
+    names = sorted(p.name for p in folder.glob("0*.png"))
+    paths = store.paths
+    assert len(paths) == 20 and paths[0] == names[0] and paths[-1] == names[-1] and paths[7:9] == names[7:9]
+    assert [paths[i] for i in (19, 2, 11, 2)] == [names[i] for i in (19, 2, 11, 2)]
+    assert len(paths._cache) <= paths.KEEP and list(paths) == names and paths == names
+    with pytest.raises(IndexError, match="row 20 of a store of 20 rows"):
+        paths[20]

@@ -155,4 +155,4 @@ def cached_folder_features(
         log.info(f"Feature cache written: {path}")
     else:
         log.info(f"Feature cache hit: {path} ({len(store)} images of '{folder}', nothing extracted)")
-    return FolderFeatures(str(folder), store.paths, store.features(), store.skipped, cache=cache)
+    return FolderFeatures(str(folder), list(store.paths), store.features(), store.skipped, cache=cache)

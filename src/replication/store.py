@@ -25,7 +25,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -450,10 +450,11 @@ class FeatureStore:
         return self.manifest["rows"]
 
     @property
-    def paths(self) -> list[str]:
-        """The path (folder) or key (webdataset) of every row, in row order (read from the sidecars once)."""
+    def paths(self) -> "StorePaths":
+        """The path (folder) or key (webdataset) of every row, in row order: a sequence that reads a shard's
+        sidecar when one of its rows is asked for (12M paths would take a few GB as one list)."""
         if self._paths is None:
-            self._paths = [p for shard in self.shards for p in self._sidecar(shard["name"])["paths"]]
+            self._paths = StorePaths(self)
         return self._paths
 
     @property
@@ -490,3 +491,48 @@ class FeatureStore:
             mask = which == number
             out[mask] = array[indices[mask] - shard["start"]]
         return torch.from_numpy(out)
+
+
+class StorePaths(Sequence):
+    """The row names of a store as a read-only sequence, one shard's sidecar in memory at a time (plus the last
+    few read). Compares equal to a list of the same names."""
+
+    KEEP = 4  # sidecars kept in memory
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        self.starts = np.array([s["start"] for s in store.shards] + [len(store)])
+        self._cache: dict[int, list[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def _shard_paths(self, number: int) -> list[str]:
+        if number not in self._cache:
+            if len(self._cache) >= self.KEEP:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[number] = self.store._sidecar(self.store.shards[number]["name"])["paths"]
+        return self._cache[number]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} of a store of {len(self)} rows")
+        number = int(np.searchsorted(self.starts, index, side="right") - 1)
+        return self._shard_paths(number)[index - self.store.shards[number]["start"]]
+
+    def __iter__(self):
+        for number, shard in enumerate(self.store.shards):
+            if shard["rows"]:
+                yield from self._shard_paths(number)
+
+    def __eq__(self, other) -> bool:
+        return (
+            isinstance(other, Sequence)
+            and len(other) == len(self)
+            and all(a == b for a, b in zip(self, other, strict=True))
+        )
