@@ -437,3 +437,36 @@ def test_partial_copy_benchmark_runs_tiny(capsys, one_thread, tmp_path):
     assert [row["name"] for row in result["build"]] == [f"build {kind}" for kind in partial_copies.KINDS]
     assert result["repaint"][1]["ratio"] == 1.0 and result["scoring"][0]["ratio"] == 1.0
     assert "s / 100 sources" in capsys.readouterr().out
+
+
+def test_store_search_benchmark_workers_at_tiny_size(one_thread, tmp_path):
+    """The store benchmark's pieces in this process (the script runs each in its own): prefix stores share the
+    largest one's shards, the search finds the planted copies, the sampled background is a subset, the index's
+    recall is measured against the exact top-1."""
+    from types import SimpleNamespace
+
+    from benchmarks import store_search
+    from src.replication.store import FeatureStore
+
+    stores = store_search.build_stores(tmp_path, [600, 1200], seed=0, shard_rows=300)
+    small, large = FeatureStore(stores[600]), FeatureStore(stores[1200])
+    assert len(small) == 600 and len(large.shards) == 4
+    assert np.array_equal(small.features().numpy(), large.features()[:600].numpy())  # a prefix, hard-linked
+    args = SimpleNamespace(
+        store=stores[1200], queries_from=stores[1200], queries=40, seed=0, out=tmp_path / "top1.npy"
+    )
+    found = store_search.worker_search(args)
+    top1 = np.load(tmp_path / "top1.npy")
+    queries = store_search.make_queries(large, 40, 0)
+    copies_of = (
+        torch.randint(0, 1200, (20,), generator=torch.Generator().manual_seed(7)).sort().values.numpy()
+    )
+    assert found["rows"] == 1200 and (top1[:20] == copies_of).mean() > 0.9 and len(queries) == 40
+    background = store_search.worker_background(SimpleNamespace(store=stores[600], anchors=50, seed=0))
+    assert background["sampled"]["anchors"] == 50 and background["exact"]["anchors"] == 600
+    index = store_search.worker_index(
+        SimpleNamespace(
+            store=stores[1200], queries=40, seed=0, index="IVF4,Flat", exact=tmp_path / "top1.npy"
+        )
+    )
+    assert index["recall"] == 1.0 and index["queries"] == 40  # every list visited: exact
