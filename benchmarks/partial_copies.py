@@ -51,31 +51,28 @@ def parse_args(argv=None):
 
 
 def build_times(args, module) -> list[dict]:
-    from src.nn import inpainting
+    from src.nn.inpainting import RePaintFill
 
-    original = inpainting.build_fill
-    inpainting.build_fill = lambda kind, **kw: inpainting.RePaintFill(module=module, **kw)  # random weights
     rows = []
-    try:
-        for kind in KINDS:
-            fill = None if kind in SEGMIX_KINDS else {"kind": "repaint", "steps": args.repaint_steps}
-            with tempfile.TemporaryDirectory() as tmp:
-                start = time.perf_counter()
-                build_partial_copies(
-                    Path(tmp),
-                    kind,
-                    args.source,
-                    image_size=args.image_size,
-                    fill=fill,
-                    max_sources=args.sources,
-                )
-                seconds = time.perf_counter() - start
-            rows.append(
-                {"name": f"build {kind}", "seconds": seconds, "per_100": seconds * 100 / args.sources}
+    for kind in KINDS:
+        fill = filler = None
+        if kind not in SEGMIX_KINDS:
+            fill = {"kind": "repaint", "steps": args.repaint_steps}
+            filler = RePaintFill(module=module, steps=args.repaint_steps)  # random weights
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            build_partial_copies(
+                Path(tmp),
+                kind,
+                args.source,
+                image_size=args.image_size,
+                fill=fill,
+                max_sources=args.sources,
+                filler=filler,
             )
-            print(f"  {kind}: {seconds:.1f} s for {args.sources} sources", flush=True)
-    finally:
-        inpainting.build_fill = original
+            seconds = time.perf_counter() - start
+        rows.append({"name": f"build {kind}", "seconds": seconds, "per_100": seconds * 100 / args.sources})
+        print(f"  {kind}: {seconds:.1f} s for {args.sources} sources", flush=True)
     return rows
 
 

@@ -231,11 +231,13 @@ def build_partial_copies(
     fill: dict | None = None,
     max_sources: int | None = None,
     force: bool = False,
+    filler=None,
 ) -> Path:
     """Write one partial-copy set under `root` (or reuse a complete build with the same content key) and return
     its folder. fill: `src.nn.inpainting.build_fill` arguments, needed by the inpainting kinds. max_sources: at
     most this many sources (the first of the seeded draw; the others become distractors), to bound the cost of
-    a diffusion fill."""
+    a diffusion fill. filler: a fill already built (e.g. a `RePaintFill` of a module in memory) used instead of
+    building one from `fill`; the key then also covers its UNet's weights."""
     if kind not in KINDS:
         raise ValueError(f"partial copies: kind={kind!r}; expected one of {KINDS}")
     if not 1 <= copies <= MAX_COPIES:
@@ -268,6 +270,10 @@ def build_partial_copies(
         key += f"_masks{_fingerprint(list_images(masks))}"
     if kind in INPAINT_KINDS:
         key += f"_{fill_key(fill)}"
+        if filler is not None:
+            from src.utils.checkpoints import state_digest
+
+            key += state_digest(filler.unet)[:10]
     limit = "" if max_sources is None else f"_n{max_sources}"
     name = f"{kind}_s{seed}_px{image_size}_c{copies}{limit}_{key}_{VERSION}"
 
@@ -312,7 +318,7 @@ def build_partial_copies(
         else:
             from src.nn.inpainting import build_fill
 
-            filler = build_fill(**fill)
+            fill_images = filler if filler is not None else build_fill(**fill)
             jobs = []
             for key_, image in sources:
                 for j in range(1, copies + 1):
@@ -322,7 +328,7 @@ def build_partial_copies(
                     jobs.append(
                         (tmp / "sources" / key_ / f"{j}.png", image, keep, int(rng.integers(1 << 31)))
                     )
-            filled = filler([j[1] for j in jobs], [j[2] for j in jobs], [j[3] for j in jobs])
+            filled = fill_images([j[1] for j in jobs], [j[2] for j in jobs], [j[3] for j in jobs])
             for (path, *_), image in zip(jobs, filled, strict=True):
                 image.save(path)
         log.info("partial copies: wrote %s (%d sources x %d copies)", name, len(sources), copies)
