@@ -117,6 +117,8 @@ def test_store_search_equals_the_in_memory_engine(folder, tmp_path):
     assert len(rows) == 6 and torch.equal(n, nearest[rows])
     with pytest.raises(StoreError, match="query features have 5 dims and store .* has 192"):
         search_store(torch.ones(2, 5), store)
+    with pytest.raises(MemoryError, match="chunk_size=1000000 and block_rows=10000000 need about .* GiB"):
+        search_store(query, store, chunk_size=10**6, block_rows=10**7)
 
 
 def test_a_float16_store_scores_within_half_precision(folder, tmp_path):

@@ -34,6 +34,30 @@ def _store_blocks(store: FeatureStore, block_rows: int):
         del array
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on `device`: the CUDA allocator's free memory, or the CPU's MemAvailable (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_tile_memory(chunk_size: int, block_rows: int, dim: int, device: torch.device) -> None:
+    """MemoryError naming chunk_size and block_rows when one block of the store (float16 and float32 copies)
+    plus one score tile would not fit in the device's free memory: the search's memory is set by these two."""
+    need = block_rows * dim * (2 + 4) + chunk_size * block_rows * 4 + chunk_size * dim * 4
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise MemoryError(
+            f"chunk_size={chunk_size} and block_rows={block_rows} need about {need / 2**30:.1f} GiB per step on "
+            f"{device} ({block_rows} x {dim} block + {chunk_size} x {block_rows} score tile), {free / 2**30:.1f} "
+            "GiB are free: lower them (memory grows with block_rows and with chunk_size x block_rows)"
+        )
+
+
 def _check_query(query, store: FeatureStore) -> torch.Tensor:
     query = as_features(query, "query")
     if query.shape[1] != store.dim:
@@ -86,6 +110,7 @@ def search_store(
     device = torch.device(device) if device is not None else query.device
     if backend not in ("auto", "torch", "faiss"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'faiss', got {backend!r}")
+    check_tile_memory(chunk_size, block_rows, store.dim, device)
     if backend == "auto":
         backend = "faiss" if device.type == "cpu" and _faiss_available() else "torch"
     if backend == "faiss":
