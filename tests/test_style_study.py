@@ -14,6 +14,7 @@ def test_the_style_study_runs_end_to_end_on_tiny_models(tiny_run, data_dir, tmp_
             f"--t2i={t2i}",
             "--simple-seeds=2",
             "--content-seeds=1",
+            "--sample-steps=2",
             "--descriptors=color_hist",  # any extractor goes through src.attribute alike (tests/test_attribution.py)
             f"--data-dir={data_dir}",
             "--bench",

@@ -118,7 +118,10 @@ def write_real_column(bench: Path, generated: Path, size: int, per_style: int = 
             image.resize((size, size), Image.Resampling.BICUBIC).save(folder / Path(row["path"]).name)
 
 
-def generate(ckpt: Path, out: Path, simple: int = SIMPLE_SEEDS, content: int = CONTENT_SEEDS) -> None:
+def generate(
+    ckpt: Path, out: Path, simple: int = SIMPLE_SEEDS, content: int = CONTENT_SEEDS, steps: int | None = None
+) -> None:
+    """Every style's simple and content-constrained prompts, `steps` sampling steps (None: the model's own)."""
     from src.generation import load_module
 
     if (out / "done.json").is_file():
@@ -132,7 +135,7 @@ def generate(ckpt: Path, out: Path, simple: int = SIMPLE_SEEDS, content: int = C
     ]
     for start in range(0, len(jobs), 64):
         batch = jobs[start : start + 64]
-        images = module.generate([j[2] for j in batch], [j[3] for j in batch])
+        images = module.generate([j[2] for j in batch], [j[3] for j in batch], steps=steps)
         for (setting, style, seed, _), image in zip(batch, images.numpy(), strict=True):
             folder = out / setting / style
             folder.mkdir(parents=True, exist_ok=True)
@@ -142,7 +145,9 @@ def generate(ckpt: Path, out: Path, simple: int = SIMPLE_SEEDS, content: int = C
 
 
 def attribute(name: str, overrides: list[str], references: Path, generated: Path, out: Path) -> list[dict]:
-    command = [f"references={references}", f"generated={generated}", *overrides]
+    # num_workers=0: ~100 folders of a few dozen images each, where starting loader workers per folder costs
+    # more than reading the images (the figures do not depend on it)
+    command = [f"references={references}", f"generated={generated}", "num_workers=0", *overrides]
     run_dir = run_once("attribute", command, out / "attribution" / name, done="gss.csv")
     with (run_dir / "gss.csv").open(newline="") as f:
         return [
@@ -182,6 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--t2i", help="a trained text-to-image checkpoint on the learned styles")
     parser.add_argument("--steps", type=int, default=1500, help="training steps of the text-to-image model")
     parser.add_argument("--image-size", type=int, default=32, help="the text-to-image model's image size")
+    parser.add_argument(
+        "--sample-steps", type=int, default=None, help="sampling steps (default: the model's)"
+    )
     parser.add_argument("--simple-seeds", type=int, default=SIMPLE_SEEDS)
     parser.add_argument("--content-seeds", type=int, default=CONTENT_SEEDS)
     parser.add_argument(
@@ -216,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         t2i = str(train_t2i(bench, captions, out / "train" / "t2i", args.steps, args.image_size))
     generated = out / "generated"
-    generate(Path(t2i), generated, args.simple_seeds, args.content_seeds)
+    generate(Path(t2i), generated, args.simple_seeds, args.content_seeds, args.sample_steps)
     write_real_column(bench, generated, args.image_size)
     every = dict(DESCRIPTORS, csd_quickstart=["extractor=csd", f"extractor.checkpoint={csd}"])
     descriptors = {name: every[name] for name in chosen}
