@@ -170,6 +170,11 @@ class RefuseExistingRunDir(HydraCallback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         if launched_as_another_rank():
             return
+        # A run dir named after a config choice (${hydra:runtime.choices.extractor}) resolves through HydraConfig,
+        # which Hydra sets only after this callback; set it now (Hydra sets the same config again).
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)
         folder = Path(config.hydra.run.dir)
         marker = found_run(folder, (".hydra", *RUN_MARKERS))
         if marker:
