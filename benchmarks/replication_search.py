@@ -77,6 +77,7 @@ from src.metrics.search import (
     bf16_rerank_topk,
     search_topk,
 )
+from src.replication.store_search import available_memory
 
 SIZES = {"generated": 10_000, "train": 100_000, "dim": 512}
 SMALL_SIZES = {"generated": 1_000, "train": 10_000, "dim": 512}
@@ -227,16 +228,7 @@ def measure(variant: str, args) -> dict:
 def default_baseline_queries(args) -> int:
     """All generations when the baseline's (N, G) float32 matrix fits in a quarter of the available memory
     (MemAvailable on CPU, free memory on CUDA); otherwise as many as fit, for a linear extrapolation."""
-    if torch.device(args.device).type == "cuda":
-        available = torch.cuda.mem_get_info(torch.device(args.device))[0]
-    else:
-        try:
-            with open("/proc/meminfo") as f:
-                available = next(
-                    int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")
-                )
-        except (OSError, StopIteration):
-            available = 8 * 2**30  # no /proc: assume 8 GiB
+    available = available_memory(torch.device(args.device)) or 8 * 2**30  # no /proc: assume 8 GiB
     fits = int(available / 4 / (4 * args.train))
     return max(1, min(args.generated, fits))
 

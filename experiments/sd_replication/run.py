@@ -24,8 +24,6 @@ import argparse
 import csv
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,24 +71,6 @@ def write_prompts(args, path: Path) -> list[str]:
     return prompts
 
 
-def entry(name: str, overrides: list[str], run_dir: Path, nproc: int) -> None:
-    """`python -m src.<name>`, or under torchrun with `nproc` processes (each takes its part from its rank)."""
-    if nproc <= 1:
-        run_once(name, overrides, run_dir, done=None)
-        return
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        f"src.{name}",
-    ]
-    command += [*overrides, f"hydra.run.dir={run_dir}"]
-    print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -132,17 +112,13 @@ def main(argv=None) -> dict:
             f"batch_size={args.batch_size}",
             f"device={args.device}",
         ]
-        entry(
-            "sample",
-            sample,
-            out / "runs" / f"sample_{len(list((out / 'runs').glob('sample_*')))}",
-            args.nproc,
-        )
+        attempt = out / "runs" / f"sample_{len(list((out / 'runs').glob('sample_*')))}"
+        run_once("sample", sample, attempt, done=None, nproc=args.nproc)
 
     store = args.store or out / "store"
     if not (store / "manifest.json").is_file():
         extract = [f"source='{args.shards}'", f"store={store}", f"device={args.device}", *args.extractor]
-        entry("extract", extract, out / "runs" / "extract", args.nproc)
+        run_once("extract", extract, out / "runs" / "extract", done=None, nproc=args.nproc)
 
     report = out / "report"
     if not (report / "metrics.json").is_file():

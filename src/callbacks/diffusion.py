@@ -187,12 +187,12 @@ class ReplicationAnalysis(Callback):
             variants.append((f"inference_{label}", f"final_{label}", options))
         return prompts, weights, variants
 
-    def generate(self, trainer, pl_module, part: int = 0, parts: int = 1, digest: str | None = None) -> None:
+    def generate(self, trainer, pl_module, part: int = 0, parts: int = 1) -> None:
         """Generate this rank's index range of every folder (`generate_to_folder`: images already there are kept)."""
         from src.generation import generate_to_folder
 
         prompts, _, variants = self._setting(trainer)
-        digest = digest or state_digest(pl_module)  # keys every generation folder; computed once
+        digest = state_digest(pl_module)  # keys every generation folder; computed once
         for _, folder_name, mitigation in variants:
             generate_to_folder(
                 pl_module,
@@ -211,7 +211,7 @@ class ReplicationAnalysis(Callback):
             )
 
     def analyse(self, trainer, pl_module) -> dict[str, float]:
-        """Generate what is missing (all of it when called alone), then the reports; the metrics logged."""
+        """The reports of the folders `generate` filled (on every rank, before this); the metrics logged."""
         from src.replication.analysis import analyse_replication
 
         run_dir = Path(trainer.default_root_dir)
@@ -223,7 +223,6 @@ class ReplicationAnalysis(Callback):
             log.warning(
                 "no held-out control images in this datamodule: only the training images are analysed"
             )
-        self.generate(trainer, pl_module)
         metrics, top1, sizes = {}, {}, {}
         for tag, folder_name, _ in variants:
             folder = run_dir / "samples" / folder_name

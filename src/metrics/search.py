@@ -281,7 +281,10 @@ def faiss_stream_topk(query, blocks, k: int, exclude_self=False) -> tuple[torch.
     exact faiss.IndexFlatIP (faiss's BLAS tiles and heaps; faster than torch.mm where MKL trails OpenBLAS, as
     on AMD CPUs) and merged into the running top k. A query's excluded row is searched one deeper and masked.
     Returns CPU tensors, scores float32."""
-    import faiss
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError("faiss is not installed: pip install faiss-cpu, or use backend='torch'") from error
 
     q = np.ascontiguousarray(query.detach().cpu().float().numpy())
     exclude = None
@@ -501,30 +504,12 @@ def faiss_topk(query, database, k: int, exclude_self: bool = False):
         query: (Q, D) features, torch or numpy; searched in float32 (faiss's only precision).
         database: (N, D) features.
         k: neighbours per query, clipped to the number of candidates.
-        exclude_self: as in `search_topk` (k + 1 are searched and each row's own index dropped).
+        exclude_self: as in `search_topk` (k + 1 are searched and each row's own index masked).
 
     Returns:
         scores (Q, k') float32, sorted descending, and indices (Q, k') int64, as CPU torch tensors.
     """
-    try:
-        import faiss
-    except ImportError as error:
-        raise ImportError("faiss is not installed: pip install faiss-cpu, or use backend='torch'") from error
     query = as_features(query, "query")
     database = as_features(database, "database")
     k = _check_pair(query, database, k, exclude_self)
-    query_np = np.ascontiguousarray(query.detach().cpu().float().numpy())
-    database_np = np.ascontiguousarray(database.detach().cpu().float().numpy())
-    flat = faiss.IndexFlatIP(database_np.shape[1])
-    flat.add(database_np)
-    n_search = k + 1 if exclude_self else k
-    scores, indices = flat.search(query_np, n_search)  # (Q, n_search) each
-    if exclude_self:
-        # Drop each row's own index; when it is not among the k + 1 (exact duplicates outscored it), drop the
-        # last, so k remain either way.
-        is_self = indices == np.arange(indices.shape[0])[:, None]
-        drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), n_search - 1)
-        keep = np.arange(n_search)[None, :] != drop[:, None]
-        scores = scores[keep].reshape(-1, k)
-        indices = indices[keep].reshape(-1, k)
-    return torch.from_numpy(scores), torch.from_numpy(indices.astype(np.int64))
+    return faiss_stream_topk(query, [(0, database)], k, exclude_self)

@@ -18,9 +18,16 @@ from pathlib import Path
 
 import torch
 
-from src.data.images import UnreadableImage, folder_files, load_rgb
-from src.nn.embed import embed_images
-from src.replication.store import MANIFEST, FeatureStore, StoreError, extract_store, source_units, store_key
+from src.data.images import folder_files
+from src.replication.store import (
+    MANIFEST,
+    FeatureStore,
+    StoreError,
+    extract_store,
+    extract_unit,
+    source_units,
+    store_key,
+)
 from src.utils.checkpoints import state_digest
 
 log = logging.getLogger(__name__)
@@ -63,32 +70,15 @@ def extract_folder(
     """
     folder = Path(folder)
     relative = folder_files(folder, files)
-    features, index, _ = embed_images(
-        extractor, folder, relative, batch_size, num_workers, device, desc or f"features {folder.name}"
+    desc = desc or f"features {folder.name}"
+    features, paths, skipped = extract_unit(
+        extractor, folder, relative, "folder", batch_size, num_workers, device, desc
     )
-    if features.ndim != 2:
-        raise ValueError(
-            f"{extractor.name} gives features of shape {tuple(features.shape)}; the replication "
-            "report needs global (B, D) descriptors (token features are not supported here)"
-        )
-    rows = index.tolist()
-    skipped = [
-        {"path": relative[i], "reason": _unreadable_reason(folder / relative[i])}
-        for i in sorted(set(range(len(relative))) - set(rows))
-    ]
+    if features is None:
+        raise RuntimeError(f"none of the {len(relative)} image files under '{folder}' is readable ({desc})")
     if skipped:
         log.warning(f"{len(skipped)} of {len(relative)} files under '{folder}' are unreadable and skipped")
-    paths = [relative[i] for i in rows]
     return FolderFeatures(str(folder), paths, features, skipped)
-
-
-def _unreadable_reason(path: Path) -> str:
-    """Why `load_rgb` rejects a file (read again for the few skipped files only, to list the reason in the report)."""
-    try:
-        load_rgb(path)
-    except UnreadableImage as error:
-        return error.reason
-    return "unreadable while extracting"
 
 
 def cache_key(

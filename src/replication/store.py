@@ -144,7 +144,7 @@ def _tar_samples(url: str) -> tuple[list[tuple[str, bytes]], list[dict]]:
     return samples, skipped
 
 
-def _extract_unit(extractor, source, unit, kind: str, batch_size, num_workers, device, desc):
+def extract_unit(extractor, source, unit, kind: str, batch_size, num_workers, device, desc):
     """(features (M, D) float32 or None, names of the M readable items, skipped items with why) of one unit: a
     list of files of the folder `source`, or one webdataset tar."""
     if kind == "webdataset":
@@ -264,7 +264,7 @@ def extract_store(
         log.info(f"store {root}: {len(mine) - len(todo)} of this part's {len(mine)} shards already done")
     for number, j in enumerate(todo):
         desc = f"shard {names[j]} ({number + 1}/{len(todo)} of part {part}/{parts})"
-        features, kept, skipped = _extract_unit(
+        features, kept, skipped = extract_unit(
             extractor, source, units[j], description["kind"], batch_size, num_workers, device, desc
         )
         if features is None:
@@ -418,6 +418,12 @@ class FeatureStore:
         for shard in self.shards:
             self._check(shard, verify)
         self._paths = None
+        self._starts = np.array([shard["start"] for shard in self.shards] + [len(self)])
+
+    def shard_of(self, rows) -> np.ndarray:
+        """The index into `shards` of each global row (an empty shard shares its start with the next: the last
+        shard starting at or before the row holds it)."""
+        return np.searchsorted(self._starts, np.asarray(rows), side="right") - 1
 
     def _check(self, shard: dict, verify: str) -> None:
         name = shard["name"]
@@ -483,8 +489,7 @@ class FeatureStore:
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"row indices must be in [0, {len(self)}), got {indices.min()}..{indices.max()}")
         out = np.empty((indices.size, self.dim), dtype=np.float32)
-        starts = np.array([s["start"] for s in self.shards] + [len(self)])
-        which = np.searchsorted(starts, indices, side="right") - 1
+        which = self.shard_of(indices)
         for number in np.unique(which):
             shard = self.shards[number]
             array = np.load(self.root / "shards" / f"{shard['name']}.npy", mmap_mode="r")
@@ -501,7 +506,6 @@ class StorePaths(Sequence):
 
     def __init__(self, store: FeatureStore):
         self.store = store
-        self.starts = np.array([s["start"] for s in store.shards] + [len(store)])
         self._cache: dict[int, list[str]] = {}
 
     def __len__(self) -> int:
@@ -522,7 +526,7 @@ class StorePaths(Sequence):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} of a store of {len(self)} rows")
-        number = int(np.searchsorted(self.starts, index, side="right") - 1)
+        number = int(self.store.shard_of(index))
         return self._shard_paths(number)[index - self.store.shards[number]["start"]]
 
     def __iter__(self):

@@ -49,22 +49,28 @@ def find_runs(
     return list(runs)
 
 
-def run_once(entry: str, overrides: list[str], run_dir: Path, done: str | None = "metrics.json") -> Path:
+def run_once(
+    entry: str, overrides: list[str], run_dir: Path, done: str | None = "metrics.json", nproc: int = 1
+) -> Path:
     """`python -m src.<entry> <overrides> hydra.run.dir=<run_dir>`, unless `run_dir/<done>` exists: a finished run is
     read again rather than re-run, so a study script resumes where it stopped (done=None: always run). Returns
     run_dir.
 
-    With the environment variable COPYSCOPE_IN_PROCESS=1 the entry runs in this process (Hydra's main called with
-    the overrides as its command line), which saves an interpreter start-up per step: the tests set it.
+    nproc > 1 runs it under torchrun with that many processes (each takes its part of the work from its rank).
+    With the environment variable COPYSCOPE_IN_PROCESS=1 a one-process entry runs in this process (Hydra's main
+    called with the overrides as its command line), which saves an interpreter start-up per step: the tests set it.
     """
     run_dir = Path(run_dir)
     if done is None or not (run_dir / done).is_file():
         argv = [*overrides, f"hydra.run.dir={run_dir}"]
-        print("+", sys.executable, "-m", f"src.{entry}", " ".join(argv), flush=True)
-        if os.environ.get("COPYSCOPE_IN_PROCESS") == "1":
+        launcher = [sys.executable]
+        if nproc > 1:
+            launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+        print("+", *launcher, "-m", f"src.{entry}", " ".join(argv), flush=True)
+        if nproc == 1 and os.environ.get("COPYSCOPE_IN_PROCESS") == "1":
             _run_in_process(entry, argv)
         else:
-            subprocess.run([sys.executable, "-m", f"src.{entry}", *argv], check=True)
+            subprocess.run([*launcher, "-m", f"src.{entry}", *argv], check=True)
     return run_dir
 
 
