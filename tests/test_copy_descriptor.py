@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from src.data.copy_views import CopyAugment, overlay_shape, overlay_text, paste_onto
+from src.data.copy_views import (
+    CopyAugment,
+    CopyDataModule,
+    TwoViews,
+    add_noise,
+    overlay_shape,
+    overlay_text,
+    paste_onto,
+)
 from src.data.planted_copies import EDITS, build_planted_copies, edit_copy, read_planted_copies
 from src.losses import copy_infonce_loss, koleo_loss
 from src.metrics.copy_detection import copy_detection_metrics, micro_ap, recall_at_precision
@@ -83,6 +91,27 @@ def test_augmentations_keep_size_and_change_the_image():
     pasted = np.asarray(paste_onto(image, background, rng))
     green = (pasted == [0, 255, 0]).all(axis=-1).mean()
     assert pasted.shape == (48, 48, 3) and 1 - 0.8**2 - 0.01 <= green <= 1 - 0.4**2 + 0.01
+
+
+def test_noise_and_reference_views(tmp_path):
+    rng = __import__("random").Random(0)
+    grey = Image.new("RGB", (64, 64), (128, 128, 128))
+    noisy = np.asarray(add_noise(grey, 0.05, rng), dtype=np.float64) / 255
+    assert noisy.std() == pytest.approx(0.05, rel=0.1) and noisy.mean() == pytest.approx(128 / 255, abs=0.01)
+    image = Image.fromarray((np.random.default_rng(1).random((40, 40, 3)) * 255).astype(np.uint8))
+    image.save(tmp_path / "a.png")
+    image.save(tmp_path / "b.png")
+    reference = CopyDataModule(views="reference", image_size=32)
+    from src.data.style.transforms import eval_transform
+
+    as_indexed = eval_transform(32, reference.hparams.mean, reference.hparams.std)
+    views = TwoViews(tmp_path, ["a.png", "b.png"], CopyAugment(32, noise_p=1.0), as_indexed)[0]["views"]
+    assert torch.equal(
+        views[0], as_indexed(image)
+    )  # the first view is the image as a copy detector indexes it
+    assert views.shape == (2, 3, 32, 32) and not torch.equal(views[0], views[1])
+    with pytest.raises(ValueError, match="data.views='both'"):
+        CopyDataModule(views="both")
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,13 @@ def paste_onto(image: Image.Image, background: Image.Image, rng: random.Random) 
     return canvas
 
 
+def add_noise(image: Image.Image, std: float, rng: random.Random) -> Image.Image:
+    """Gaussian pixel noise of `std` (in [0, 1] units), clipped: the grain of an imperfect generated copy."""
+    x = np.asarray(image, dtype=np.float32) / 255
+    noise = np.random.default_rng(rng.getrandbits(64)).normal(0, std, x.shape).astype(np.float32)
+    return Image.fromarray(np.round(np.clip(x + noise, 0, 1) * 255).astype(np.uint8))
+
+
 class CopyAugment:
     """One view of SSCD's "advanced" augmentations (module docstring): PIL RGB image -> (3, S, S) normalised.
 
@@ -126,9 +133,11 @@ class CopyAugment:
         std=IMAGENET_STD,
         crop_scale=(0.08, 1.0),
         paste_p: float = 0.0,
+        noise_p: float = 0.0,
     ):
         self.image_size = int(image_size)
         self.paste_p = float(paste_p)
+        self.noise_p = float(noise_p)
         self.crop = T.RandomResizedCrop(self.image_size, scale=tuple(crop_scale))
         self.jitter = T.ColorJitter(0.8, 0.8, 0.8, 0.2)
         self.finish = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
@@ -158,6 +167,8 @@ class CopyAugment:
             image = image.convert("L").convert("RGB")
         if rng.random() < 0.5:
             image = image.filter(ImageFilter.GaussianBlur(rng.uniform(1, 5) * self.blur_scale))
+        if self.noise_p > 0 and rng.random() < self.noise_p:
+            image = add_noise(image, rng.uniform(0.02, 0.1), rng)
         if rng.random() < 0.2:
             image = jpeg_roundtrip(image, rng.randint(0, 100))
         return self.finish(image)
@@ -271,7 +282,14 @@ def build_dead_leaves(
 
 class TwoViews(ImageListDataset):
     """Item: {"views": (2, 3, S, S) two independent augmentations of image i, "index": i}. Each view gets a random
-    other image of the set as the background of the paste augmentation (`CopyAugment.paste_p`)."""
+    other image of the set as the background of the paste augmentation (`CopyAugment.paste_p`).
+
+    reference: None (SSCD: both views augmented) or a transform for the first view (the image as a copy detector
+    indexes it), so every positive pair is an original and an edited copy of it."""
+
+    def __init__(self, root, paths, transform, reference=None):
+        super().__init__(root, paths, transform)
+        self.reference = reference
 
     def _background(self) -> Image.Image | None:
         """A random image of the set (None when unreadable), drawn when a view pastes onto another image."""
@@ -282,7 +300,10 @@ class TwoViews(ImageListDataset):
         if image is None:
             return None
         background = self._background if len(self) > 1 else None
-        views = [self.transform(image, background) for _ in range(2)]
+        if self.reference is not None:
+            views = [self.reference(image), self.transform(image, background)]
+        else:
+            views = [self.transform(image, background) for _ in range(2)]
         return {"views": torch.stack(views), "index": index}
 
 
@@ -302,6 +323,8 @@ class CopyDataModule(L.LightningDataModule):
         image_size: int = 64,
         crop_scale=(0.08, 1.0),
         paste_p: float = 0.0,
+        noise_p: float = 0.0,
+        views: str = "symmetric",
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         benchmark_seed: int = 0,
@@ -312,6 +335,8 @@ class CopyDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
+        if views not in ("symmetric", "reference"):
+            raise ValueError(f"data.views={views!r}: expected 'symmetric' (SSCD) or 'reference'.")
         self.save_hyperparameters()
         self.val_set = self.test_set = None
 
@@ -358,8 +383,12 @@ class CopyDataModule(L.LightningDataModule):
                 f"data.batch_size={hp.batch_size} is larger than the {len(paths)} images in {folder}; lower "
                 "data.batch_size or add images."
             )
+        reference = eval_transform(hp.image_size, hp.mean, hp.std) if hp.views == "reference" else None
         self.train_dataset = TwoViews(
-            "/", paths, CopyAugment(hp.image_size, hp.mean, hp.std, hp.crop_scale, hp.paste_p)
+            "/",
+            paths,
+            CopyAugment(hp.image_size, hp.mean, hp.std, hp.crop_scale, hp.paste_p, hp.noise_p),
+            reference,
         )
         self.val_set = self.test_set = load_planted_copies(
             hp.data_dir, hp.benchmark_seed, hp.benchmark_image_size
