@@ -383,7 +383,8 @@ class CopyDataModule(L.LightningDataModule):
                 f"data.batch_size={hp.batch_size} is larger than the {len(paths)} images in {folder}; lower "
                 "data.batch_size or add images."
             )
-        reference = eval_transform(hp.image_size, hp.mean, hp.std) if hp.views == "reference" else None
+        self.indexed = eval_transform(hp.image_size, hp.mean, hp.std)  # an image as the descriptor indexes it
+        reference = self.indexed if hp.views == "reference" else None
         self.train_dataset = TwoViews(
             "/",
             paths,
@@ -410,9 +411,7 @@ class CopyDataModule(L.LightningDataModule):
 
     def _eval_loader(self, rset) -> DataLoader:
         hp = self.hparams
-        dataset = ImageListDataset(
-            rset.root, rset.query + rset.database, eval_transform(hp.image_size, hp.mean, hp.std)
-        )
+        dataset = ImageListDataset(rset.root, rset.query + rset.database, self.indexed)
         return DataLoader(dataset, batch_size=hp.eval_batch_size, num_workers=0, collate_fn=collate_skip_none)
 
     def val_dataloader(self) -> DataLoader:
