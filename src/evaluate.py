@@ -7,9 +7,13 @@ of conf/benchmark/. Writes `metrics.json`, a markdown row (retrieval: shaped lik
 docs/style.md#table-1; copy detection: the figures of `src.metrics.copy_detection` with their bootstrap intervals,
 docs/replication.md#scoring-a-copy-detector) and, with `save_embeddings=true`, `embeddings.npz`, which
 `embeddings=<file>` re-scores later without the images.
+
+Copy detection by region matching (docs/replication.md#region-matching): `region_scales=[0.85,0.7,0.55]
+region_grid=4` embeds every image with its regions and scores an image pair by its best whole-to-region match.
 """
 
 import logging
+import math
 from pathlib import Path
 
 import hydra
@@ -58,12 +62,18 @@ def table_row(name: str, metrics: dict, ks=(1, 10, 100)) -> str:
 
 def copy_table_row(name: str, metrics: dict, thresholds=()) -> tuple[str, str]:
     """Header and row of a copy-detection result: uAP, recall at precision 0.9 and its threshold, mAP@100 and
-    precision / recall at each threshold, in percent with 95% bootstrap intervals where computed."""
+    precision / recall at each threshold, in percent with 95% bootstrap intervals where computed ("-" where a
+    figure does not exist, e.g. the threshold when no threshold reaches precision 0.9)."""
+
+    def finite(key: str) -> bool:  # an unreached precision leaves no threshold (inf; null in metrics.json)
+        return metrics.get(key) is not None and math.isfinite(metrics[key])
 
     def cell(key: str, percent: bool = True) -> str:
+        if not finite(key):
+            return "-"
         scale = 100 if percent else 1
         value = f"{scale * metrics[key]:.1f}" if percent else f"{metrics[key]:.3f}"
-        if f"{key}_lo" in metrics:
+        if finite(f"{key}_lo") and finite(f"{key}_hi"):
             lo, hi = scale * metrics[f"{key}_lo"], scale * metrics[f"{key}_hi"]
             value += f" [{lo:.1f}, {hi:.1f}]" if percent else f" [{lo:.3f}, {hi:.3f}]"
         return value
@@ -97,6 +107,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     claim_run_dir(output_dir)
     print_config_tree(cfg, save_to=output_dir / "config_resolved.yaml")
     name = cfg.get("name") or cfg.run_name
+    scales = tuple(cfg.get("region_scales") or ())
+    regions = (scales, cfg.get("region_grid", 4)) if scales else None
+    if regions and cfg.get("pca_dims"):
+        raise ValueError(
+            "region_scales and pca_dims together are not supported: set one of them ([] / null)."
+        )
     if cfg.get("embeddings"):
         saved = load_embeddings(cfg.embeddings)
         query, database = saved["query"], saved["database"]
@@ -107,6 +123,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         device = resolve_device(cfg.device)
         rset: RetrievalSet = hydra.utils.instantiate(cfg.benchmark)
         task = rset.task
+        if regions and task != "copy_detection":
+            raise ValueError(
+                f"region_scales={list(scales)}: region matching scores copy-detection benchmarks "
+                f"(benchmark=planted_copies); this one is a {task} benchmark. Set region_scales=[]."
+            )
         extractor = instantiate(cfg.extractor).to(device).eval()
         chunks = getattr(extractor, "split_chunks", 1)
         args = (cfg.batch_size, cfg.num_workers, device)
@@ -120,10 +141,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 embed_images(extractor, rset.root, sample, *args, desc="PCA sample")[0], cfg.pca_dims
             )
         query, q_rows, q_skip = embed_images(
-            extractor, rset.root, rset.query, *args, desc="query", project=project
+            extractor, rset.root, rset.query, *args, desc="query", project=project, regions=regions
         )
         database, d_rows, d_skip = embed_images(
-            extractor, rset.root, rset.database, *args, desc="database", project=project
+            extractor, rset.root, rset.database, *args, desc="database", project=project, regions=regions
         )
         if q_skip or d_skip:
             log.warning(
@@ -147,7 +168,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 split_chunks=chunks,
             )
             log.info(f"Saved embeddings to {path}")
-    if cfg.get("pca_dims") and cfg.get("embeddings") and query.shape[1] > cfg.pca_dims:
+    if query.dim() == 3:  # whole images and their regions
+        name = f"{name} + regions"
+    elif regions:
+        raise ValueError(
+            f"region_scales={list(scales)} but {cfg.embeddings} holds whole-image features only: embed the "
+            "benchmark again with the regions (leave out embeddings=), or set region_scales=[]."
+        )
+    if cfg.get("pca_dims") and cfg.get("embeddings") and query.shape[-1] > cfg.pca_dims:
         query, database = pca_reduce(query, database, cfg.pca_dims)
     if chunks > 1 and task != "partial_copy":
         raise ValueError(

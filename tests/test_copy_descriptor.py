@@ -246,9 +246,17 @@ def test_restudy_measures_a_finished_run_again_with_other_descriptors(tiny_run, 
     run = tiny_run("ddpm_quickstart").run_dir
     restudy = load_script(ROOT / "experiments" / "copy_descriptor" / "restudy.py", "restudy")
     rows = restudy.main(
-        [str(run), "--descriptor", "pixels:0.9", "--descriptor", "pixels_channel:0.5", "--out", str(tmp_path)]
+        [str(run), "--descriptor", "pixels:0.9", "--descriptor", "pixels_channel:0.5"]
+        + ["--descriptor", "pixels_channel+regions:0.5", "--region-scales", "0.7", "--region-grid", "2"]
+        + ["--out", str(tmp_path)]
     )
-    assert [r["descriptor"] for r in rows] == ["pixels@0.9", "pixels_channel@0.5"]
+    assert [r["descriptor"] for r in rows] == [
+        "pixels@0.9",
+        "pixels_channel@0.5",
+        "pixels_channel+regions@0.5",
+    ]
+    # region matching takes the best of more pairs: never below the whole-image score
+    assert rows[2]["train_sim_95pc"] >= rows[1]["train_sim_95pc"] - 1e-6
     original = __import__("json").loads((run / "metrics.json").read_text())
     # the default descriptor at the run's threshold gives back the run's own figure
     assert rows[0]["train_share"] == pytest.approx(original["replication/train/sim_gt_thr"])
@@ -260,26 +268,32 @@ def test_restudy_measures_a_finished_run_again_with_other_descriptors(tiny_run, 
 
 def test_compare_tabulates_finished_evaluations_per_descriptor_and_edit(tmp_path, monkeypatch):
     """experiments/copy_descriptor/compare.py on evaluation folders that are already finished (nothing is re-run):
-    the descriptor table with intervals, the per-edit table from each run's embeddings, the figure."""
+    the descriptor table with intervals, the per-edit table from each run's embeddings (whole images and region
+    matching), the paired margins of the trained descriptor, the figure."""
     from src.utils.embeddings import save_embeddings
 
     compare = load_script(ROOT / "experiments" / "copy_descriptor" / "compare.py", "compare_descriptors")
     database = torch.eye(3)
     # a blur copy found (cosine 1), a crop copy whose nearest is another image (0.8), a query with no copy (0.8)
     query = torch.tensor([[1.0, 0, 0], [0, 0.6, 0.8], [0.6, 0, 0.8]])
+    # with regions: a region of database image 1 is the crop copy itself, every other region is its image
+    region_query = torch.stack([query, query], dim=1)
+    region_database = torch.stack([database, database], dim=1)
+    region_database[1, 1] = query[1]
     query_labels = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=torch.bool)
     database_labels = torch.eye(3, dtype=torch.bool)
     paths = ["images/query/a__blur.png", "images/query/b__crop.png", "images/query/c__none.png"]
-    metrics = copy_detection_metrics(query, database, query_labels, database_labels, (0.5, 0.75, 0.9), 20)
-    names = [*compare.WEIGHT_FREE, "copy_descriptor_random"]
-    for name in names:
+    names = [*compare.WEIGHT_FREE, "copy_descriptor_random", "copy_descriptor"]
+    for name in names + [n + compare.REGIONS for n in names]:
+        q, d = (region_query, region_database) if name.endswith(compare.REGIONS) else (query, database)
+        metrics = copy_detection_metrics(q, d, query_labels, database_labels, (0.5, 0.75, 0.9), 20)
         run = tmp_path / "runs" / name
         run.mkdir(parents=True)
         (run / "metrics.json").write_text(__import__("json").dumps(metrics))
         save_embeddings(
             run / "embeddings.npz",
-            query,
-            database,
+            q,
+            d,
             query_labels,
             database_labels,
             ["a", "b", "c"],
@@ -287,7 +301,7 @@ def test_compare_tabulates_finished_evaluations_per_descriptor_and_edit(tmp_path
             ["a", "b", "c"],
             task="copy_detection",
         )
-    monkeypatch.setattr("sys.argv", ["compare.py", "--out", str(tmp_path)])
+    monkeypatch.setattr("sys.argv", ["compare.py", "--out", str(tmp_path), "--checkpoint", "trained.ckpt"])
     monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("a finished run was run again"))
     compare.main()
     table = (tmp_path / "descriptors.md").read_text()
@@ -297,4 +311,8 @@ def test_compare_tabulates_finished_evaluations_per_descriptor_and_edit(tmp_path
     assert (
         "| pixels | 100 / 100 | 0 / 0 |" in edits
     )  # the blur copy found at p90's threshold 1.0, the crop missed
+    assert "| pixels + regions | 100 / 100 | 100 / 100 |" in edits  # region matching finds the crop
+    margins = (tmp_path / "margins.md").read_text()
+    assert "| copy_descriptor + regions | pixels_channel + regions | +0.0 [+0.0, +0.0] |" in margins
+    assert margins.count("| copy_descriptor |") == 5  # four weight-free descriptors and the random network
     assert (tmp_path / "descriptors.png").is_file()

@@ -11,7 +11,9 @@ images are read back from its own config (`src.generation.run_datamodule`: the d
 `config_resolved.yaml`, so the subset is the run's, drawn by its seed), and `analyse_replication` runs again on
 the same generations for each `--descriptor NAME:THRESHOLD[:OVERRIDE,...]` (NAME a conf/extractor/ config; one
 descriptor at several thresholds is built once, and the training features are cached, content-keyed, under
-OUT/feature_cache). Written to OUT:
+OUT/feature_cache). NAME+regions (e.g. `copy_descriptor+regions:0.75:...`) scores each generation by region
+matching instead (docs/replication.md#region-matching; `--region-scales`, `--region-grid`): its top-1 against the
+training and held-out images, without the report. Written to OUT:
 
 - runs/<run>/<descriptor>/{train,control}/: the replication reports;
 - restudy.csv / restudy.md: per run and descriptor, the share of generations above the threshold against the
@@ -23,25 +25,47 @@ import argparse
 import csv
 from pathlib import Path
 
+import numpy as np
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from src.callbacks.diffusion import read_top1
+from src.data.images import list_images
 from src.generation import run_datamodule
+from src.metrics.search import region_topk
+from src.nn.embed import embed_images
 from src.replication.analysis import analyse_replication
 from src.replication.study import bootstrap_interval, find_runs, read_json, share_above
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
+REGIONS = "+regions"
+
+
+def region_top1(extractor, run: Path, root, files, regions, batch_size: int) -> np.ndarray:
+    """Each generation of the run (samples/final) scored by its best region match against the images
+    `root / files`."""
+    folder = run / "samples" / "final"
+    paths = [str(p.relative_to(folder)) for p in list_images(folder)]
+    generations = embed_images(extractor, folder, paths, batch_size, desc="generations", regions=regions)[0]
+    targets = embed_images(extractor, root, files, batch_size, desc="targets", regions=regions)[0]
+    return region_topk(generations, targets, 1)[0][:, 0].double().numpy()
 
 
 def parse_descriptor(spec: str) -> tuple[str, str, float, list[str]]:
-    """'name:threshold[:override,override]' -> (label, name, threshold, overrides)."""
+    """'name[+regions]:threshold[:override,override]' -> (label, name, threshold, overrides)."""
     parts = spec.split(":", 2)
     if len(parts) < 2:
         raise SystemExit(
             f"--descriptor {spec!r}: expected NAME:THRESHOLD[:OVERRIDES], e.g. pixels_channel:0.9"
         )
-    name, threshold = parts[0], float(parts[1])
+    name, threshold = parts[0].removesuffix(REGIONS), float(parts[1])
+    if parts[0].endswith(REGIONS):
+        return (
+            f"{name}{REGIONS}@{threshold:g}",
+            name,
+            threshold,
+            parts[2].split(",") if len(parts) == 3 else [],
+        )
     overrides = parts[2].split(",") if len(parts) == 3 else []
     return f"{name}@{threshold:g}", name, threshold, overrides
 
@@ -58,7 +82,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--descriptor", action="append", required=True, help="NAME:THRESHOLD[:OVERRIDES]")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--region-scales", type=float, nargs="+", default=[0.85, 0.7, 0.55])
+    parser.add_argument("--region-grid", type=int, default=4)
     args = parser.parse_args(argv)
+    regions = (tuple(args.region_scales), args.region_grid)
     descriptors = [parse_descriptor(spec) for spec in args.descriptor]
     built, extractors = {}, {}  # a descriptor named at several thresholds is built once
     for label, name, _, overrides in descriptors:
@@ -73,10 +100,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
         control_files = list(getattr(datamodule, "control_files", []))
         summary = read_json(run / "replication" / "summary.json")
         name = f"{run.parent.name}/{run.name}"
+        region_scores = {}  # (descriptor, target) -> each generation's top-1 by region matching
         for label, _, threshold, _ in descriptors:
             row = {"run": name, "subset_size": len(train_files), "descriptor": label, "threshold": threshold}
             for target, files in (("train", train_files), ("control", control_files)):
                 if not files:
+                    continue
+                if REGIONS in label:  # one extraction per descriptor and run, whatever the thresholds
+                    key = (id(extractors[label]), target)
+                    if key not in region_scores:
+                        region_scores[key] = region_top1(
+                            extractors[label], run, root, files, regions, args.batch_size
+                        )
+                    top1 = region_scores[key]
+                    low, high = bootstrap_interval(top1, share_above(threshold), resamples=1000)
+                    row.update(
+                        {
+                            f"{target}_share": float((top1 > threshold).mean()),
+                            f"{target}_share_low": low,
+                            f"{target}_share_high": high,
+                            f"{target}_sim_95pc": float(np.percentile(top1, 95)),
+                        }
+                    )
                     continue
                 out = args.out / "runs" / run.parent.name / run.name / label / target
                 stats = analyse_replication(

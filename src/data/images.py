@@ -7,7 +7,7 @@
 - `list_images` / `folder_files`: the images of a folder, or a checked list of them; `read_list`: a list of paths
   (or prompts) from a .txt or .json file.
 - `ImageListDataset`, `collate_skip_none`, `image_batches`: images by relative path, unreadable ones skipped and
-  counted.
+  counted; `ImageRegionsDataset` / `region_boxes`: each image with its sub-regions (region matching).
 - `build_atomically`: a data folder written once, atomically (the embedded data sets).
 """
 
@@ -223,6 +223,40 @@ class ImageListDataset(Dataset):
     def __getitem__(self, index: int) -> dict | None:
         image = self.load(index)
         return None if image is None else {"image": self.transform(image), "index": index}
+
+
+def region_boxes(width: int, height: int, scales, grid: int) -> list[tuple[int, int, int, int]]:
+    """The (left, top, right, bottom) boxes of region matching (docs/replication.md#region-matching): for each
+    scale s, boxes of s x the width and s x the height at `grid` x `grid` evenly spaced positions (corners
+    included; one centred box when grid is 1). Raises ValueError for a scale outside (0, 1) or grid < 1."""
+    if grid < 1 or int(grid) != grid:
+        raise ValueError(f"region grid={grid}: must be a positive integer (positions per side).")
+    boxes = []
+    for scale in scales:
+        if not 0 < scale < 1:
+            raise ValueError(f"region scale {scale}: must be in (0, 1), a fraction of the image's side.")
+        w, h = max(1, round(width * scale)), max(1, round(height * scale))
+        lefts = np.linspace(0, width - w, grid).round().astype(int) if grid > 1 else [(width - w) // 2]
+        tops = np.linspace(0, height - h, grid).round().astype(int) if grid > 1 else [(height - h) // 2]
+        boxes += [(int(x), int(y), int(x) + w, int(y) + h) for y in tops for x in lefts]
+    return boxes
+
+
+class ImageRegionsDataset(ImageListDataset):
+    """`ImageListDataset` whose item "image" is (1 + R, C, H, W): the whole image, then its R `region_boxes`
+    crops, each through `transform`."""
+
+    def __init__(self, root, paths, transform, scales, grid: int):
+        super().__init__(root, paths, transform)
+        self.scales, self.grid = tuple(scales), grid
+        region_boxes(64, 64, self.scales, grid)  # refuses a bad scale or grid before any image is read
+
+    def __getitem__(self, index: int) -> dict | None:
+        image = self.load(index)
+        if image is None:
+            return None
+        crops = [image] + [image.crop(box) for box in region_boxes(*image.size, self.scales, self.grid)]
+        return {"image": torch.stack([self.transform(crop) for crop in crops]), "index": index}
 
 
 class SubstituteUnreadable(Dataset):

@@ -3,7 +3,13 @@ metrics for style and copy retrieval, copy-detection scores, replication statist
 CLIP score from features, extraction distances (tiled l2, cliques, the adaptive score) and membership ROC
 summaries."""
 
-from src.metrics.copy_detection import average_rank, copy_detection_metrics, partial_copy_metrics
+from src.metrics.copy_detection import (
+    average_rank,
+    copy_detection_metrics,
+    partial_copy_metrics,
+    top1_predictions,
+    uap_difference,
+)
 from src.metrics.extraction import (
     adaptive_extraction_score,
     clique_summary,
@@ -28,6 +34,8 @@ __all__ = [
     "average_rank",
     "clique_summary",
     "copy_detection_metrics",
+    "top1_predictions",
+    "uap_difference",
     "count_relevant",
     "hit_matrix",
     "max_clique",

@@ -16,6 +16,8 @@ predictions of all queries are ranked by confidence together, so one threshold s
   at the top of each query's list, whatever the scores).
 
 `bootstrap` resamples the queries (with replacement) and gives 95% percentile intervals of every figure.
+Features (rows, 1 + R, D) of each image and its regions are searched by region matching (`region_topk`,
+docs/replication.md#region-matching).
 """
 
 import numpy as np
@@ -23,7 +25,7 @@ import torch
 from scipy.stats import rankdata
 
 from src.metrics.retrieval import count_relevant, hit_matrix, metrics_from_hits, retrieval_topk
-from src.metrics.search import as_features
+from src.metrics.search import as_features, region_topk
 
 P90 = 0.9
 
@@ -86,12 +88,19 @@ def copy_detection_metrics(
 ) -> dict[str, float]:
     """Copy-detection figures of L2-normalised descriptors (see the module docstring).
 
-    query (Q, D), database (N, D); query_labels (Q, L) / database_labels (N, L) multi-hot bool: a query copies
-    the database images it shares a label with; an all-False query row is a query with no copy in the database.
+    query (Q, D), database (N, D), or (Q, 1 + R, D) / (N, 1 + R, D) with regions; query_labels (Q, L) /
+    database_labels (N, L) multi-hot bool: a query copies the database images it shares a label with; an all-False
+    query row is a query with no copy in the database.
     Returns the point figures, `mAP@k` for each k (queries with copies), counts, and with bootstrap > 0
     `<name>_lo` / `<name>_hi` (95% percentile intervals over resampled queries).
     """
-    query, database = as_features(query, "query"), as_features(database, "database")
+    query, database = torch.as_tensor(query), torch.as_tensor(database)
+    regions = query.dim() == 3 or database.dim() == 3
+    if regions:  # checked as flat feature matrices; region_topk checks the shapes agree
+        as_features(query.reshape(-1, query.shape[-1]), "query")
+        as_features(database.reshape(-1, database.shape[-1]), "database")
+    else:
+        query, database = as_features(query, "query"), as_features(database, "database")
     query_labels = torch.as_tensor(query_labels, dtype=torch.bool)
     database_labels = torch.as_tensor(database_labels, dtype=torch.bool)
     if query_labels.shape[0] != len(query) or database_labels.shape[0] != len(database):
@@ -100,7 +109,7 @@ def copy_detection_metrics(
             f"{query_labels.shape[0]} / {database_labels.shape[0]} rows."
         )
     # One search serves both views: the top-1 prediction of each query and its ranked list for mAP@k.
-    top_scores, indices = retrieval_topk(query, database, max(ks))
+    top_scores, indices = copy_search(query, database, max(ks))
     hits = hit_matrix(query_labels, database_labels, indices).cpu()  # (Q, k) bool
     n_copies = count_relevant(query_labels, database_labels).cpu()  # (Q,)
     with_copy = n_copies > 0
@@ -128,6 +137,52 @@ def copy_detection_metrics(
             values = values[np.isfinite(values)]
             lo, hi = np.percentile(values, [2.5, 97.5]) if len(values) else (np.nan, np.nan)
             out[f"{key}_lo"], out[f"{key}_hi"] = float(lo), float(hi)
+    return out
+
+
+def copy_search(query: torch.Tensor, database: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k search of copy detection: exact inner products (`retrieval_topk`), or region matching
+    (`region_topk`) for features (rows, 1 + R, D)."""
+    if query.dim() == 3:
+        return region_topk(query, database, k, backend="torch", database_chunk_size=None)
+    return retrieval_topk(query, database, k)
+
+
+def top1_predictions(
+    query, database, query_labels, database_labels
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each query's prediction as `copy_detection_metrics` scores it: (top-1 score (Q,) float64, whether that
+    image is a copy of the query (Q,) bool, whether the query has a copy in the database (Q,) bool). Features
+    (rows, 1 + R, D) are searched by region matching."""
+    scores, indices = copy_search(torch.as_tensor(query), torch.as_tensor(database), 1)
+    correct = hit_matrix(query_labels, database_labels, indices).cpu()[:, 0].numpy()
+    has_copy = (count_relevant(query_labels, database_labels).cpu() > 0).numpy()
+    return scores[:, 0].double().cpu().numpy(), correct, has_copy
+
+
+def uap_difference(first, second, has_copy, bootstrap: int = 1000, seed: int = 0) -> dict[str, float]:
+    """uAP of one descriptor minus another's on the same queries, with a paired 95% bootstrap interval.
+
+    first, second: (scores, correct) per query (`top1_predictions`); has_copy (Q,) bool. The queries are
+    resampled once per draw for both descriptors, so the interval is that of the difference itself (narrower than
+    the two descriptors' own intervals side by side when their errors fall on the same queries). Returns
+    `difference`, `difference_lo`, `difference_hi` and `share_above_zero` (of the draws).
+    """
+    has_copy = np.asarray(has_copy, dtype=bool)
+    (s1, c1), (s2, c2) = ((np.asarray(s, np.float64), np.asarray(c, bool)) for s, c in (first, second))
+    if not (len(s1) == len(s2) == len(has_copy)):
+        raise ValueError(f"uap_difference: {len(s1)} and {len(s2)} predictions for {len(has_copy)} queries.")
+    out = {"difference": micro_ap(s1, c1, int(has_copy.sum())) - micro_ap(s2, c2, int(has_copy.sum()))}
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(bootstrap):
+        pick = rng.integers(0, len(has_copy), len(has_copy))
+        n = int(has_copy[pick].sum())
+        if n:
+            draws.append(micro_ap(s1[pick], c1[pick], n) - micro_ap(s2[pick], c2[pick], n))
+    if draws:
+        out["difference_lo"], out["difference_hi"] = (float(v) for v in np.percentile(draws, [2.5, 97.5]))
+        out["share_above_zero"] = float(np.mean(np.array(draws) > 0))
     return out
 
 

@@ -16,6 +16,9 @@ on the GPU (somepago/DCR `diff_retrieval.py`), which does not fit for LAION-scal
   of `bf16_score_bound`, derived in docs/replication.md#exact-search-at-bf16-speed); queries without the proof,
   or whose re-scored top k holds a near-tie that float32's own rounding decides, are searched again in float32.
 
+- `region_topk`: region matching (docs/replication.md#region-matching): features of each image and its regions,
+  an image pair scored by its best whole-to-region match, with the same engine.
+
 Scores are inner products: pass L2-normalised features for cosine similarity. `as_features` is the one check of
 feature matrices for every function of `src.metrics`.
 """
@@ -513,3 +516,47 @@ def faiss_topk(query, database, k: int, exclude_self: bool = False):
     database = as_features(database, "database")
     k = _check_pair(query, database, k, exclude_self)
     return faiss_stream_topk(query, [(0, database)], k, exclude_self)
+
+
+def region_topk(query, database, k: int, **search) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k search by region matching (docs/replication.md#region-matching).
+
+    query (Q, 1 + R, D) and database (N, 1 + R, D): each image's whole-image features, then its R regions'
+    (`src.data.images.region_boxes`, the same boxes on both sides). An image pair scores the largest of
+    whole . whole, whole query . each database region (the query copies part of the database image: a crop) and
+    each query region . whole database image (the query holds the database image: a paste). Three `search_topk`
+    calls (keyword arguments passed on), merged per database image. Returns scores (Q, k') descending and
+    indices (Q, k') into the database, k' = min(k, N), on the CPU.
+    """
+    query, database = torch.as_tensor(query), torch.as_tensor(database)
+    if query.dim() != 3 or database.dim() != 3 or query.shape[1:] != database.shape[1:]:
+        raise ValueError(
+            f"region_topk: query {tuple(query.shape)} and database {tuple(database.shape)} must be (rows, 1 + R, D) "
+            "with the same regions R and D on both sides (embed both with the same region scales and grid)."
+        )
+    rows, regions, dim = query.shape[0], query.shape[1] - 1, query.shape[2]
+    k = min(k, database.shape[0])
+    whole_q, whole_d = query[:, 0], database[:, 0]
+    candidates = [search_topk(whole_q, whole_d, k, **search)]
+    if regions:
+        scores, index = search_topk(whole_q, database[:, 1:].reshape(-1, dim), k * regions, **search)
+        candidates.append((scores, index // regions))  # a database region's row -> its image
+        scores, index = search_topk(query[:, 1:].reshape(-1, dim), whole_d, k, **search)
+        candidates.append((scores.reshape(rows, -1), index.reshape(rows, -1)))
+    scores = torch.cat([c[0].cpu() for c in candidates], dim=1).numpy()
+    index = torch.cat([c[1].cpu() for c in candidates], dim=1).numpy()
+    # keep each database image's best candidate: sort by score, then stably by image, and take each run's first
+    order = np.argsort(-scores, axis=1, kind="stable")
+    scores, index = np.take_along_axis(scores, order, 1), np.take_along_axis(index, order, 1)
+    by_image = np.argsort(index, axis=1, kind="stable")
+    grouped = np.take_along_axis(index, by_image, 1)
+    first = np.ones_like(grouped, dtype=bool)
+    first[:, 1:] = grouped[:, 1:] != grouped[:, :-1]
+    keep = np.zeros_like(first)
+    np.put_along_axis(keep, by_image, first, 1)
+    scores = np.where(keep, scores, -np.inf)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return (
+        torch.from_numpy(np.take_along_axis(scores, top, 1)),
+        torch.from_numpy(np.take_along_axis(index, top, 1)),
+    )
