@@ -45,6 +45,7 @@ bench: install  ## throughput / time / memory benchmarks against in-run baseline
 	$(PY) -m benchmarks.membership_throughput
 	$(PY) -m benchmarks.detection_cost
 	$(PY) -m benchmarks.partial_copies
+	$(PY) -m benchmarks.region_matching
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks experiments

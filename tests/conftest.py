@@ -59,6 +59,17 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
+def bench_overrides(data_dir: Path) -> list[str]:
+    """`src.evaluate` overrides that score the tiny style benchmark of `data_dir` without loader processes."""
+    return [
+        f"paths.data_dir={data_dir}",
+        f"benchmark.image_size={TINY_BENCH['image_size']}",
+        f"benchmark.images_per_style={TINY_BENCH['images_per_style']}",
+        "num_workers=0",
+        "batch_size=16",
+    ]
+
+
 def tiny_overrides(data_dir: Path, bench: bool = True, devices: int = 1) -> list[str]:
     """Overrides that make any CSD config run a few CPU steps (on the tiny benchmark when `bench`)."""
     overrides = [

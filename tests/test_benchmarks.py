@@ -470,3 +470,17 @@ def test_store_search_benchmark_workers_at_tiny_size(one_thread, tmp_path):
         )
     )
     assert index["recall"] == 1.0 and index["queries"] == 40  # every list visited: exact
+
+
+def test_region_matching_benchmark_runs_tiny(capsys, one_thread):
+    """The search methods agree on every top-1 (each in its own process), and the extraction table has its rows."""
+    from benchmarks import region_matching
+
+    result = region_matching.main(
+        ["--queries", "16", "--database", "40", "--regions", "4", "--dim", "8", "--k", "3"]
+        + ["--images", "2", "--repeats", "1", "--threads", "1"]
+    )
+    search = {row["name"]: row for row in result["search"]}
+    assert search["dense"]["speed"] == 1.0 and search["region_topk"]["same"] == "True"
+    assert [row["name"] for row in result["extraction"]] == ["whole images", "regions (49 crops)"]
+    assert "top-1 = dense" in capsys.readouterr().out

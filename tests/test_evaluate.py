@@ -10,17 +10,7 @@ from src.metrics import retrieval_metrics
 from src.metrics.search import bf16_rerank_topk, search_topk
 from src.train import train
 from src.utils.embeddings import load_embeddings
-from tests.conftest import TINY_BENCH, compose_config, tiny_overrides
-
-
-def bench_overrides(data_dir) -> list[str]:
-    return [
-        f"paths.data_dir={data_dir}",
-        f"benchmark.image_size={TINY_BENCH['image_size']}",
-        f"benchmark.images_per_style={TINY_BENCH['images_per_style']}",
-        "num_workers=0",
-        "batch_size=16",
-    ]
+from tests.conftest import bench_overrides, compose_config, tiny_overrides
 
 
 @pytest.mark.parametrize("extractor", ["pixels", "color_hist"])

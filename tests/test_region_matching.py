@@ -14,7 +14,7 @@ from src.metrics.search import region_topk
 from src.nn.embed import embed_images
 from src.nn.extractors import PixelExtractor
 from src.utils.embeddings import load_embeddings
-from tests.conftest import compose_config
+from tests.conftest import bench_overrides, compose_config
 
 
 def test_region_boxes_tile_each_scale_on_the_grid_and_refuse_bad_values():
@@ -92,6 +92,7 @@ def test_uap_difference_is_zero_for_one_descriptor_and_positive_for_a_planted_ga
 
 def test_evaluate_scores_the_planted_copies_with_regions_and_rescores_the_saved_file(data_dir, tmp_path):
     from src.evaluate import evaluate
+    from src.utils.embeddings import save_embeddings
 
     build_planted_copies(data_dir, seed=0, image_size=32)
     common = [f"paths.data_dir={data_dir}", "benchmark=planted_copies", "benchmark.image_size=32"]
@@ -101,25 +102,34 @@ def test_evaluate_scores_the_planted_copies_with_regions_and_rescores_the_saved_
     saved = load_embeddings(run / "embeddings.npz")
     assert saved["query"].shape[1:] == (5, 3 * 32 * 32) and saved["database"].shape[1] == 5
     assert "pixels_channel + regions" in (run / "table_row.md").read_text()
-    whole = evaluate(compose_config("evaluate.yaml", common, tmp_path / "whole"))
+    labels = saved["query_labels"], saved["database_labels"]
+    whole = copy_detection_metrics(saved["query"][:, 0], saved["database"][:, 0], *labels, bootstrap=0)
     assert scored["uAP"] != whole["uAP"]
     again = evaluate(
         compose_config("evaluate.yaml", [*common, f"embeddings={run / 'embeddings.npz'}"], tmp_path / "re")
     )
     assert again["uAP"] == scored["uAP"]  # the file's regions are searched as such
+    flat = save_embeddings(
+        tmp_path / "flat.npz",
+        saved["query"][:, 0],
+        saved["database"][:, 0],
+        *labels,
+        saved["label_names"],
+        saved["query_paths"],
+        saved["database_paths"],
+        task="copy_detection",
+    )
     with pytest.raises(ValueError, match="holds whole-image features only"):
         evaluate(
             compose_config(
-                "evaluate.yaml",
-                [*common, "region_scales=[0.7]", f"embeddings={tmp_path / 'whole' / 'embeddings.npz'}"],
-                tmp_path / "bad",
+                "evaluate.yaml", [*common, "region_scales=[0.7]", f"embeddings={flat}"], tmp_path / "bad"
             )
         )
     with pytest.raises(ValueError, match="region matching scores copy-detection benchmarks"):
         evaluate(
             compose_config(
                 "evaluate.yaml",
-                [f"paths.data_dir={data_dir}", "extractor=pixels", "region_scales=[0.7]", "num_workers=0"],
+                ["extractor=pixels", "region_scales=[0.7]", *bench_overrides(data_dir)],  # the tiny style set
                 tmp_path / "style",
             )
         )
