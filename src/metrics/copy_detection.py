@@ -144,7 +144,7 @@ def copy_search(query: torch.Tensor, database: torch.Tensor, k: int) -> tuple[to
     """The top-k search of copy detection: exact inner products (`retrieval_topk`), or region matching
     (`region_topk`) for features (rows, 1 + R, D)."""
     if query.dim() == 3:
-        return region_topk(query, database, k, backend="torch", database_chunk_size=None)
+        return region_topk(query, database, k, backend="torch")
     return retrieval_topk(query, database, k)
 
 
