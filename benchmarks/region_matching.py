@@ -1,7 +1,7 @@
 """Benchmark: region matching's cost (docs/replication.md#region-matching): the search, and the extraction.
 
 1. Search. `region_topk` (three exact top-k searches of the project's engine over whole images and regions,
-   merged per database image) against the dense computation one would write first: the (Q, N, R) tensors of
+   merged per database image) against the dense computation one would write first (`region_scores`): the (Q, N, R) tensors of
    whole-query x database-region and query-region x whole-database products, their maxima with the whole x whole
    scores, then a top-k of the (Q, N) matrix. Both on the same seeded synthetic features (each query a noisy copy
    of a region of one database image); the whole-image search alone (`retrieval_topk`) is the floor. Each method
@@ -42,7 +42,7 @@ from benchmarks.harness import (
     setup,
 )
 from src.metrics.retrieval import retrieval_topk
-from src.metrics.search import region_topk
+from src.metrics.search import region_scores, region_topk
 
 WORKERS = ("whole", "region_topk", "dense")
 OPTIONS = ("queries", "database", "regions", "dim", "k", "seed", "threads")
@@ -74,13 +74,6 @@ def features(args) -> tuple[torch.Tensor, torch.Tensor]:
     return query, database
 
 
-def dense_topk(query: torch.Tensor, database: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    whole = query[:, 0] @ database[:, 0].T
-    crop = torch.einsum("qd,nrd->qnr", query[:, 0], database[:, 1:]).amax(-1)
-    paste = torch.einsum("qrd,nd->qnr", query[:, 1:], database[:, 0]).amax(-1)
-    return torch.maximum(whole, torch.maximum(crop, paste)).topk(k, dim=1)
-
-
 def worker(args) -> None:
     torch.set_num_threads(args.threads)
     query, database = features(args)
@@ -88,7 +81,7 @@ def worker(args) -> None:
     calls = {
         "whole": lambda: retrieval_topk(query[:, 0], database[:, 0], args.k),
         "region_topk": lambda: region_topk(query, database, args.k),
-        "dense": lambda: dense_topk(query, database, args.k),
+        "dense": lambda: region_scores(query, database).topk(args.k, dim=1),
     }
     memory.reset()
     start = time.perf_counter()

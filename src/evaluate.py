@@ -8,8 +8,9 @@ docs/style.md#table-1; copy detection: the figures of `src.metrics.copy_detectio
 docs/replication.md#scoring-a-copy-detector) and, with `save_embeddings=true`, `embeddings.npz`, which
 `embeddings=<file>` re-scores later without the images.
 
-Copy detection by region matching (docs/replication.md#region-matching): `region_scales=[0.85,0.7,0.55]
-region_grid=4` embeds every image with its regions and scores an image pair by its best whole-to-region match.
+Copy detection and partial copies by region matching (docs/replication.md#region-matching):
+`region_scales=[0.85,0.7,0.55] region_grid=4` embeds every image with its regions and scores an image pair by its
+best whole-to-region match.
 """
 
 import logging
@@ -123,13 +124,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         device = resolve_device(cfg.device)
         rset: RetrievalSet = hydra.utils.instantiate(cfg.benchmark)
         task = rset.task
-        if regions and task != "copy_detection":
+        if regions and task not in ("copy_detection", "partial_copy"):
             raise ValueError(
-                f"region_scales={list(scales)}: region matching scores copy-detection benchmarks "
-                f"(benchmark=planted_copies); this one is a {task} benchmark. Set region_scales=[]."
+                f"region_scales={list(scales)}: region matching scores copy-detection and partial-copy benchmarks "
+                f"(benchmark=planted_copies, copy_segmix, ...); this one is a {task} benchmark. Set region_scales=[]."
             )
         extractor = instantiate(cfg.extractor).to(device).eval()
         chunks = getattr(extractor, "split_chunks", 1)
+        if regions and chunks > 1:
+            raise ValueError(
+                f"{name} gives token features for the split-product similarity; region matching compares global "
+                "descriptors: set region_scales=[] or use a pooled extractor."
+            )
         args = (cfg.batch_size, cfg.num_workers, device)
         project = None
         if cfg.get("pca_dims"):

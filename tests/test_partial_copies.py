@@ -257,6 +257,17 @@ def test_benchmark_configs_run_through_evaluate_and_rank(ddpm_checkpoint, tmp_pa
     )
     first = json.loads((runs / "copy_segmix" / "pixels" / "metrics.json").read_text())
     assert again["mAP"] == pytest.approx(first["mAP"])  # the same set read from its folder layout
+    folders = ["benchmark=copy_folders", f"benchmark.folder={built}", *common]
+    regions = ["region_scales=[0.7]", "region_grid=2"]
+    by_regions = evaluate(
+        compose_config("evaluate.yaml", [*folders, "extractor=pixels", *regions], tmp_path / "regions")
+    )
+    assert 0 <= by_regions["mAP"] <= 1 and by_regions["num_queries"] == 5
+    assert "pixels + regions" in (tmp_path / "regions" / "table_row.md").read_text()
+    with pytest.raises(ValueError, match="region matching compares global descriptors"):
+        evaluate(
+            compose_config("evaluate.yaml", [*folders, *extractors["split"], *regions], tmp_path / "bad")
+        )
     saved = np.load(runs / "copy_segmix" / "split" / "embeddings.npz")
     assert int(saved["split_chunks"]) == 4  # resnet18 at 64 px: a 2 x 2 map
     rescored = evaluate(

@@ -9,8 +9,8 @@ from PIL import Image
 
 from src.data.images import region_boxes
 from src.data.planted_copies import build_planted_copies
-from src.metrics.copy_detection import copy_detection_metrics, uap_difference
-from src.metrics.search import region_topk
+from src.metrics.copy_detection import copy_detection_metrics, partial_copy_metrics, uap_difference
+from src.metrics.search import region_scores, region_topk
 from src.nn.embed import embed_images
 from src.nn.extractors import PixelExtractor
 from src.utils.embeddings import load_embeddings
@@ -37,7 +37,7 @@ def test_region_topk_equals_the_brute_force_best_whole_to_region_match():
     crop = torch.einsum("qd,nrd->qnr", query[:, 0], database[:, 1:]).amax(-1)
     paste = torch.einsum("qrd,nd->qnr", query[:, 1:], database[:, 0]).amax(-1)
     reference = torch.maximum(whole, torch.maximum(crop, paste))  # region pairs are never compared
-    assert not torch.equal(reference, whole)
+    assert not torch.equal(reference, whole) and torch.allclose(region_scores(query, database), reference)
     expected_scores, expected_index = reference.topk(5, dim=1)
     scores, index = region_topk(query, database, 5)
     assert torch.equal(index, expected_index)
@@ -74,6 +74,9 @@ def test_a_crop_is_found_by_region_matching_and_missed_on_whole_images(tmp_path)
     assert int(index[0, 0]) == 2 and float(scores[0, 0]) > 0.97 > whole + 0.1
     labels = torch.eye(6, dtype=torch.bool)[2:3], torch.eye(6, dtype=torch.bool)
     assert copy_detection_metrics(query, database, *labels, bootstrap=0)["uAP"] == 1.0
+    # the partial-copy scoring ranks the whole database by the same region scores
+    assert partial_copy_metrics(query, database, *labels, bootstrap=0)["MRR"] == 1.0
+    assert partial_copy_metrics(query[:, 0], database[:, 0], *labels, bootstrap=0)["MRR"] <= 1.0
 
 
 def test_uap_difference_is_zero_for_one_descriptor_and_positive_for_a_planted_gap():
@@ -125,7 +128,7 @@ def test_evaluate_scores_the_planted_copies_with_regions_and_rescores_the_saved_
                 "evaluate.yaml", [*common, "region_scales=[0.7]", f"embeddings={flat}"], tmp_path / "bad"
             )
         )
-    with pytest.raises(ValueError, match="region matching scores copy-detection benchmarks"):
+    with pytest.raises(ValueError, match="region matching scores copy-detection and partial-copy benchmarks"):
         evaluate(
             compose_config(
                 "evaluate.yaml",

@@ -25,7 +25,7 @@ import torch
 from scipy.stats import rankdata
 
 from src.metrics.retrieval import count_relevant, hit_matrix, metrics_from_hits, retrieval_topk
-from src.metrics.search import as_features, region_topk
+from src.metrics.search import as_features, region_scores, region_topk
 
 P90 = 0.9
 
@@ -94,13 +94,7 @@ def copy_detection_metrics(
     Returns the point figures, `mAP@k` for each k (queries with copies), counts, and with bootstrap > 0
     `<name>_lo` / `<name>_hi` (95% percentile intervals over resampled queries).
     """
-    query, database = torch.as_tensor(query), torch.as_tensor(database)
-    regions = query.dim() == 3 or database.dim() == 3
-    if regions:  # checked as flat feature matrices; region_topk checks the shapes agree
-        as_features(query.reshape(-1, query.shape[-1]), "query")
-        as_features(database.reshape(-1, database.shape[-1]), "database")
-    else:
-        query, database = as_features(query, "query"), as_features(database, "database")
+    query, database = _features(query, database)
     query_labels = torch.as_tensor(query_labels, dtype=torch.bool)
     database_labels = torch.as_tensor(database_labels, dtype=torch.bool)
     if query_labels.shape[0] != len(query) or database_labels.shape[0] != len(database):
@@ -138,6 +132,21 @@ def copy_detection_metrics(
             lo, hi = np.percentile(values, [2.5, 97.5]) if len(values) else (np.nan, np.nan)
             out[f"{key}_lo"], out[f"{key}_hi"] = float(lo), float(hi)
     return out
+
+
+def _features(query, database) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked features: (rows, D) each, or (rows, 1 + R, D) each (whole images and their regions, the same R)."""
+    query, database = torch.as_tensor(query), torch.as_tensor(database)
+    if query.dim() == 3 or database.dim() == 3:
+        if query.dim() != 3 or database.dim() != 3 or query.shape[1:] != database.shape[1:]:
+            raise ValueError(
+                f"query {tuple(query.shape)} and database {tuple(database.shape)}: region features must be "
+                "(rows, 1 + R, D) on both sides with the same R and D (embed both with the same regions)."
+            )
+        as_features(query.reshape(-1, query.shape[-1]), "query")
+        as_features(database.reshape(-1, database.shape[-1]), "database")
+        return query, database
+    return as_features(query, "query"), as_features(database, "database")
 
 
 def copy_search(query: torch.Tensor, database: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,13 +216,14 @@ def positive_ranks(
 ) -> list[np.ndarray]:
     """For each query, the sorted 0-based positions of its positives (database rows sharing a label) in its full
     ranking of the database by similarity (descending; ties by database order, as a stable sort). Inner products,
-    or split-product similarities when `chunks` > 1."""
-    query, database = as_features(query, "query"), as_features(database, "database")
+    or split-product similarities when `chunks` > 1, or region matching (`region_scores`) for features
+    (rows, 1 + R, D)."""
+    query, database = _features(query, database)
     query_labels = torch.as_tensor(query_labels, dtype=torch.bool)
     database_labels = torch.as_tensor(database_labels, dtype=torch.bool)
-    if query.shape[1] != database.shape[1]:
+    if query.shape[-1] != database.shape[-1]:
         raise ValueError(
-            f"query embeddings have {query.shape[1]} dimensions and database embeddings {database.shape[1]}: "
+            f"query embeddings have {query.shape[-1]} dimensions and database embeddings {database.shape[-1]}: "
             "both sets must come from the same extractor."
         )
     if query_labels.shape[0] != len(query) or database_labels.shape[0] != len(database):
@@ -225,7 +235,10 @@ def positive_ranks(
     out = []
     for start in range(0, len(query), chunk_size):
         q = query[start : start + chunk_size]
-        scores = split_product_scores(q, database, chunks) if chunks > 1 else q @ database.T
+        if query.dim() == 3:
+            scores = region_scores(q, database)
+        else:
+            scores = split_product_scores(q, database, chunks) if chunks > 1 else q @ database.T
         order = torch.argsort(scores, dim=1, descending=True, stable=True)
         ranked_positive = positives[start : start + chunk_size].gather(1, order)  # (c, N) in rank order
         out.extend(np.flatnonzero(row) for row in ranked_positive.numpy())
@@ -262,7 +275,8 @@ def partial_copy_metrics(
     (docs/replication.md#the-partial-copy-benchmark): over the queries with at least one copy in the database,
     `mAP` (trapezoidal AP over the full ranking), `precision@k` (the revisited-Oxford variant: precision at
     min(k, rank of the last copy), so a query whose 4 copies are ranked first scores 1 at k = 10), `recall@k`
-    and `MRR` (1 / rank of the first copy). `chunks` > 1 scores with the split-product similarity.
+    and `MRR` (1 / rank of the first copy). `chunks` > 1 scores with the split-product similarity; features
+    (rows, 1 + R, D) by region matching.
     With bootstrap > 0, `<name>_lo` / `<name>_hi`: 95% percentile intervals over resampled queries.
     """
     query_labels = torch.as_tensor(query_labels, dtype=torch.bool)

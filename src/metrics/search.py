@@ -518,15 +518,27 @@ def faiss_topk(query, database, k: int, exclude_self: bool = False):
     return faiss_stream_topk(query, [(0, database)], k, exclude_self)
 
 
+def region_scores(query: torch.Tensor, database: torch.Tensor) -> torch.Tensor:
+    """The dense (Q, N) scores of region matching (`region_topk`): for features (Q, 1 + R, D) and (N, 1 + R, D),
+    the largest of whole . whole, whole query . each database region and each query region . whole database
+    image. Memory grows as Q x N x R: for whole rankings of small sets (the partial-copy benchmarks)."""
+    whole = query[:, 0] @ database[:, 0].T
+    if query.shape[1] == 1:  # no regions
+        return whole
+    crop = torch.einsum("qd,nrd->qnr", query[:, 0], database[:, 1:]).amax(-1)
+    paste = torch.einsum("qrd,nd->qnr", query[:, 1:], database[:, 0]).amax(-1)
+    return torch.maximum(whole, torch.maximum(crop, paste))
+
+
 def region_topk(query, database, k: int, **search) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k search by region matching (docs/replication.md#region-matching).
 
     query (Q, 1 + R, D) and database (N, 1 + R, D): each image's whole-image features, then its R regions'
     (`src.data.images.region_boxes`, the same boxes on both sides). An image pair scores the largest of
     whole . whole, whole query . each database region (the query copies part of the database image: a crop) and
-    each query region . whole database image (the query holds the database image: a paste). Three `search_topk`
-    calls (keyword arguments passed on), merged per database image. Returns scores (Q, k') descending and
-    indices (Q, k') into the database, k' = min(k, N), on the CPU.
+    each query region . whole database image (the query holds the database image: a paste): `region_scores`
+    without its (Q, N, R) tensors, as three `search_topk` calls (keyword arguments passed on) merged per database
+    image. Returns scores (Q, k') descending and indices (Q, k') into the database, k' = min(k, N), on the CPU.
     """
     query, database = torch.as_tensor(query), torch.as_tensor(database)
     if query.dim() != 3 or database.dim() != 3 or query.shape[1:] != database.shape[1:]:
