@@ -59,9 +59,9 @@ def predictions(run_dir: Path) -> tuple[list[str], tuple]:
     return saved["query_paths"], top1_predictions(*(saved[k] for k in keys))
 
 
-def per_edit(run_dir: Path, threshold: float) -> dict[str, dict[str, float]]:
-    """Per edit: (count, top-1 right share, share found at `threshold`) from the run's embeddings."""
-    paths, (best, right, _) = predictions(run_dir)
+def per_edit(predicted: tuple, threshold: float) -> dict[str, dict[str, float]]:
+    """Per edit: (count, top-1 right share, share found at `threshold`) from a run's `predictions`."""
+    paths, (best, right, _) = predicted
     out = {}
     for q, path in enumerate(paths):
         edit = Path(path).stem.split("__")[-1]
@@ -77,19 +77,16 @@ def per_edit(run_dir: Path, threshold: float) -> dict[str, dict[str, float]]:
     }
 
 
-def write_margins(results: dict, out: Path) -> None:
-    """margins.csv / margins.md: the trained descriptor against each other one, matched alike."""
+def write_margins(predicted: dict, out: Path) -> None:
+    """margins.csv / margins.md: the trained descriptor against each other one, matched alike, from each run's
+    `predictions`."""
     rows = []
     for suffix in ("", REGIONS):
-        _, trained = predictions(out / "runs" / f"copy_descriptor{suffix}")
-        for name in results:
-            if name.startswith("copy_descriptor") and name != f"copy_descriptor_random{suffix}":
-                continue
-            if name.endswith(REGIONS) != bool(suffix):
-                continue
-            _, other = predictions(out / "runs" / name)
-            diff = uap_difference(trained[:2], other[:2], trained[2])
-            rows.append({"trained": label(f"copy_descriptor{suffix}"), "against": label(name), **diff})
+        trained = predicted[f"copy_descriptor{suffix}"][1]
+        for name, (_, other) in predicted.items():
+            if name.endswith(REGIONS) == bool(suffix) and name != f"copy_descriptor{suffix}":
+                diff = uap_difference(trained[:2], other[:2], trained[2])
+                rows.append({"trained": label(f"copy_descriptor{suffix}"), "against": label(name), **diff})
     with (out / "margins.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -152,7 +149,8 @@ def main() -> None:
         name: m["threshold@p90"] if m["threshold@p90"] is not None else math.inf
         for name, m in results.items()
     }
-    edits = {name: per_edit(args.out / "runs" / name, thresholds[name]) for name in results}
+    predicted = {name: predictions(args.out / "runs" / name) for name in results}  # each run searched once
+    edits = {name: per_edit(predicted[name], thresholds[name]) for name in results}
     names = sorted(next(iter(edits.values())))
     with (args.out / "edits.csv").open("w", newline="") as f:
         writer = csv.writer(f)
@@ -177,7 +175,7 @@ def main() -> None:
     print("\n".join(lines))
 
     if args.checkpoint:
-        write_margins(results, args.out)
+        write_margins(predicted, args.out)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 6.5), sharey=True)
     y = np.arange(len(results))

@@ -35,20 +35,23 @@ from src.generation import run_datamodule
 from src.metrics.search import region_topk
 from src.nn.embed import embed_images
 from src.replication.analysis import analyse_replication
-from src.replication.study import bootstrap_interval, find_runs, read_json, share_above
+from src.replication.study import bootstrap_interval, find_runs, percentile_95, read_json, share_above
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 REGIONS = "+regions"
 
 
-def region_top1(extractor, run: Path, root, files, regions, batch_size: int) -> np.ndarray:
-    """Each generation of the run (samples/final) scored by its best region match against the images
-    `root / files`."""
+def region_top1(extractor, run: Path, root, targets: dict, regions, batch_size: int) -> dict[str, np.ndarray]:
+    """{target: each generation of the run (samples/final) scored by its best region match against the images
+    `root / files`} for targets {name: files}; the generations are embedded once."""
     folder = run / "samples" / "final"
     paths = [str(p.relative_to(folder)) for p in list_images(folder)]
     generations = embed_images(extractor, folder, paths, batch_size, desc="generations", regions=regions)[0]
-    targets = embed_images(extractor, root, files, batch_size, desc="targets", regions=regions)[0]
-    return region_topk(generations, targets, 1)[0][:, 0].double().numpy()
+    out = {}
+    for target, files in targets.items():
+        images = embed_images(extractor, root, files, batch_size, desc=target, regions=regions)[0]
+        out[target] = region_topk(generations, images, 1)[0][:, 0].double().numpy()
+    return out
 
 
 def parse_descriptor(spec: str) -> tuple[str, str, float, list[str]]:
@@ -59,15 +62,8 @@ def parse_descriptor(spec: str) -> tuple[str, str, float, list[str]]:
             f"--descriptor {spec!r}: expected NAME:THRESHOLD[:OVERRIDES], e.g. pixels_channel:0.9"
         )
     name, threshold = parts[0].removesuffix(REGIONS), float(parts[1])
-    if parts[0].endswith(REGIONS):
-        return (
-            f"{name}{REGIONS}@{threshold:g}",
-            name,
-            threshold,
-            parts[2].split(",") if len(parts) == 3 else [],
-        )
     overrides = parts[2].split(",") if len(parts) == 3 else []
-    return f"{name}@{threshold:g}", name, threshold, overrides
+    return f"{parts[0]}@{threshold:g}", name, threshold, overrides
 
 
 def build_extractor(name: str, overrides: list[str]):
@@ -100,48 +96,41 @@ def main(argv: list[str] | None = None) -> list[dict]:
         control_files = list(getattr(datamodule, "control_files", []))
         summary = read_json(run / "replication" / "summary.json")
         name = f"{run.parent.name}/{run.name}"
-        region_scores = {}  # (descriptor, target) -> each generation's top-1 by region matching
+        region_top = {}  # descriptor -> {target: each generation's top-1 by region matching}
         for label, _, threshold, _ in descriptors:
             row = {"run": name, "subset_size": len(train_files), "descriptor": label, "threshold": threshold}
-            for target, files in (("train", train_files), ("control", control_files)):
-                if not files:
-                    continue
-                if REGIONS in label:  # one extraction per descriptor and run, whatever the thresholds
-                    key = (id(extractors[label]), target)
-                    if key not in region_scores:
-                        region_scores[key] = region_top1(
-                            extractors[label], run, root, files, regions, args.batch_size
-                        )
-                    top1 = region_scores[key]
-                    low, high = bootstrap_interval(top1, share_above(threshold), resamples=1000)
-                    row.update(
-                        {
-                            f"{target}_share": float((top1 > threshold).mean()),
-                            f"{target}_share_low": low,
-                            f"{target}_share_high": high,
-                            f"{target}_sim_95pc": float(np.percentile(top1, 95)),
-                        }
-                    )
-                    continue
-                out = args.out / "runs" / run.parent.name / run.name / label / target
-                stats = analyse_replication(
-                    extractors[label],
-                    run / "samples" / "final",
-                    root,
-                    out,
-                    train_files=files,
-                    threshold=threshold,
-                    batch_size=args.batch_size,
-                    device="cpu",
-                    cache_dir=args.out / "feature_cache",
+            targets = {t: f for t, f in (("train", train_files), ("control", control_files)) if f}
+            if (
+                REGIONS in label and id(extractors[label]) not in region_top
+            ):  # once per descriptor, any threshold
+                region_top[id(extractors[label])] = region_top1(
+                    extractors[label], run, root, targets, regions, args.batch_size
                 )
-                low, high = bootstrap_interval(read_top1(out), share_above(threshold), resamples=1000)
+            for target, files in targets.items():
+                if REGIONS in label:
+                    top1 = region_top[id(extractors[label])][target]
+                    share, sim_95pc = share_above(threshold)(top1), percentile_95(top1)
+                else:
+                    out = args.out / "runs" / run.parent.name / run.name / label / target
+                    stats = analyse_replication(
+                        extractors[label],
+                        run / "samples" / "final",
+                        root,
+                        out,
+                        train_files=files,
+                        threshold=threshold,
+                        batch_size=args.batch_size,
+                        device="cpu",
+                        cache_dir=args.out / "feature_cache",
+                    )
+                    top1, share, sim_95pc = read_top1(out), stats["sim_gt_thr"], stats["sim_95pc"]
+                low, high = bootstrap_interval(top1, share_above(threshold), resamples=1000)
                 row.update(
                     {
-                        f"{target}_share": stats["sim_gt_thr"],
+                        f"{target}_share": float(share),
                         f"{target}_share_low": low,
                         f"{target}_share_high": high,
-                        f"{target}_sim_95pc": stats["sim_95pc"],
+                        f"{target}_sim_95pc": float(sim_95pc),
                     }
                 )
             row["generated"] = summary["num_generated"]

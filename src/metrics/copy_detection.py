@@ -25,7 +25,7 @@ import torch
 from scipy.stats import rankdata
 
 from src.metrics.retrieval import count_relevant, hit_matrix, metrics_from_hits, retrieval_topk
-from src.metrics.search import as_features, region_scores, region_topk
+from src.metrics.search import as_features, as_region_features, region_scores, region_topk
 
 P90 = 0.9
 
@@ -94,18 +94,8 @@ def copy_detection_metrics(
     Returns the point figures, `mAP@k` for each k (queries with copies), counts, and with bootstrap > 0
     `<name>_lo` / `<name>_hi` (95% percentile intervals over resampled queries).
     """
-    query, database = _features(query, database)
-    query_labels = torch.as_tensor(query_labels, dtype=torch.bool)
-    database_labels = torch.as_tensor(database_labels, dtype=torch.bool)
-    if query_labels.shape[0] != len(query) or database_labels.shape[0] != len(database):
-        raise ValueError(
-            f"copy_detection_metrics: {len(query)} queries / {len(database)} database rows but labels of "
-            f"{query_labels.shape[0]} / {database_labels.shape[0]} rows."
-        )
     # One search serves both views: the top-1 prediction of each query and its ranked list for mAP@k.
-    top_scores, indices = copy_search(query, database, max(ks))
-    hits = hit_matrix(query_labels, database_labels, indices).cpu()  # (Q, k) bool
-    n_copies = count_relevant(query_labels, database_labels).cpu()  # (Q,)
+    top_scores, hits, n_copies = _search_hits(query, database, query_labels, database_labels, max(ks))
     with_copy = n_copies > 0
     if not with_copy.any():
         raise ValueError("copy_detection_metrics: no query has a copy in the database; nothing to detect.")
@@ -117,7 +107,9 @@ def copy_detection_metrics(
     for k in ks:  # standard AP (the copies' precision at their ranks over min(k, copies)), not CSD's mAP@k
         out[f"mAP@{k}"], out[f"recall@top{k}"] = ranked[f"standardAP@{k}"], ranked[f"recall@{k}"]
     out.update(
-        num_queries=float(len(scores)), num_with_copy=float(has_copy.sum()), num_database=float(len(database))
+        num_queries=float(len(scores)),
+        num_with_copy=float(has_copy.sum()),
+        num_database=float(len(database_labels)),
     )
     if bootstrap > 0:
         rng = np.random.default_rng(seed)
@@ -138,23 +130,28 @@ def _features(query, database) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked features: (rows, D) each, or (rows, 1 + R, D) each (whole images and their regions, the same R)."""
     query, database = torch.as_tensor(query), torch.as_tensor(database)
     if query.dim() == 3 or database.dim() == 3:
-        if query.dim() != 3 or database.dim() != 3 or query.shape[1:] != database.shape[1:]:
-            raise ValueError(
-                f"query {tuple(query.shape)} and database {tuple(database.shape)}: region features must be "
-                "(rows, 1 + R, D) on both sides with the same R and D (embed both with the same regions)."
-            )
-        as_features(query.reshape(-1, query.shape[-1]), "query")
-        as_features(database.reshape(-1, database.shape[-1]), "database")
-        return query, database
+        return as_region_features(query, database)
     return as_features(query, "query"), as_features(database, "database")
 
 
-def copy_search(query: torch.Tensor, database: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k search of copy detection: exact inner products (`retrieval_topk`), or region matching
+def _search_hits(query, database, query_labels, database_labels, k: int):
+    """Checked features and labels searched for copies: (top-k scores (Q, k'), whether each is a copy (Q, k') bool,
+    copies of each query in the database (Q,)). Exact inner products (`retrieval_topk`), or region matching
     (`region_topk`) for features (rows, 1 + R, D)."""
+    query, database = _features(query, database)
+    query_labels = torch.as_tensor(query_labels, dtype=torch.bool)
+    database_labels = torch.as_tensor(database_labels, dtype=torch.bool)
+    if query_labels.shape[0] != len(query) or database_labels.shape[0] != len(database):
+        raise ValueError(
+            f"copy detection: {len(query)} queries / {len(database)} database rows but labels of "
+            f"{query_labels.shape[0]} / {database_labels.shape[0]} rows."
+        )
     if query.dim() == 3:
-        return region_topk(query, database, k, backend="torch")
-    return retrieval_topk(query, database, k)
+        scores, indices = region_topk(query, database, k, backend="torch")
+    else:
+        scores, indices = retrieval_topk(query, database, k)
+    hits = hit_matrix(query_labels, database_labels, indices).cpu()
+    return scores, hits, count_relevant(query_labels, database_labels).cpu()
 
 
 def top1_predictions(
@@ -163,10 +160,8 @@ def top1_predictions(
     """Each query's prediction as `copy_detection_metrics` scores it: (top-1 score (Q,) float64, whether that
     image is a copy of the query (Q,) bool, whether the query has a copy in the database (Q,) bool). Features
     (rows, 1 + R, D) are searched by region matching."""
-    scores, indices = copy_search(torch.as_tensor(query), torch.as_tensor(database), 1)
-    correct = hit_matrix(query_labels, database_labels, indices).cpu()[:, 0].numpy()
-    has_copy = (count_relevant(query_labels, database_labels).cpu() > 0).numpy()
-    return scores[:, 0].double().cpu().numpy(), correct, has_copy
+    scores, hits, n_copies = _search_hits(query, database, query_labels, database_labels, 1)
+    return scores[:, 0].double().cpu().numpy(), hits[:, 0].numpy(), (n_copies > 0).numpy()
 
 
 def uap_difference(first, second, has_copy, bootstrap: int = 1000, seed: int = 0) -> dict[str, float]:

@@ -87,6 +87,20 @@ def as_features(x, name: str, unit_norm: bool = False) -> torch.Tensor:
     return x
 
 
+def as_region_features(query, database) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check region-matching features, (rows, 1 + R, D) on both sides with the same R and D (each image whole,
+    then its regions), each row `as_features`-checked; returns them as tensors."""
+    query, database = torch.as_tensor(query), torch.as_tensor(database)
+    if query.dim() != 3 or database.dim() != 3 or query.shape[1:] != database.shape[1:]:
+        raise ValueError(
+            f"query {tuple(query.shape)} and database {tuple(database.shape)}: region features must be "
+            "(rows, 1 + R, D) on both sides with the same R and D (embed both with the same region scales and grid)."
+        )
+    as_features(query.reshape(-1, query.shape[-1]), "query")
+    as_features(database.reshape(-1, database.shape[-1]), "database")
+    return query, database
+
+
 def _check_pair(query: torch.Tensor, database: torch.Tensor, k: int, exclude_self: bool) -> int:
     """Validate a search and return k clipped to the number of candidates per query."""
     if query.shape[1] != database.shape[1]:
@@ -522,6 +536,7 @@ def region_scores(query: torch.Tensor, database: torch.Tensor) -> torch.Tensor:
     """The dense (Q, N) scores of region matching (`region_topk`): for features (Q, 1 + R, D) and (N, 1 + R, D),
     the largest of whole . whole, whole query . each database region and each query region . whole database
     image. Memory grows as Q x N x R: for whole rankings of small sets (the partial-copy benchmarks)."""
+    query, database = as_region_features(query, database)
     whole = query[:, 0] @ database[:, 0].T
     if query.shape[1] == 1:  # no regions
         return whole
@@ -540,12 +555,7 @@ def region_topk(query, database, k: int, **search) -> tuple[torch.Tensor, torch.
     without its (Q, N, R) tensors, as three `search_topk` calls (keyword arguments passed on) merged per database
     image. Returns scores (Q, k') descending and indices (Q, k') into the database, k' = min(k, N), on the CPU.
     """
-    query, database = torch.as_tensor(query), torch.as_tensor(database)
-    if query.dim() != 3 or database.dim() != 3 or query.shape[1:] != database.shape[1:]:
-        raise ValueError(
-            f"region_topk: query {tuple(query.shape)} and database {tuple(database.shape)} must be (rows, 1 + R, D) "
-            "with the same regions R and D on both sides (embed both with the same region scales and grid)."
-        )
+    query, database = as_region_features(query, database)
     rows, regions, dim = query.shape[0], query.shape[1] - 1, query.shape[2]
     k = min(k, database.shape[0])
     whole_q, whole_d = query[:, 0], database[:, 0]
