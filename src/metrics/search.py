@@ -94,7 +94,7 @@ def as_region_features(query, database) -> tuple[torch.Tensor, torch.Tensor]:
     if query.dim() != 3 or database.dim() != 3 or query.shape[1:] != database.shape[1:]:
         raise ValueError(
             f"query {tuple(query.shape)} and database {tuple(database.shape)}: region features must be "
-            "(rows, 1 + R, D) on both sides with the same R and D (embed both with the same region scales and grid)."
+            "(rows, 1 + R, D) on both sides with the same regions R and D (embed both with the same region scales and grid)."
         )
     as_features(query.reshape(-1, query.shape[-1]), "query")
     as_features(database.reshape(-1, database.shape[-1]), "database")
